@@ -1,0 +1,1 @@
+from .component import create_workspace  # noqa: F401

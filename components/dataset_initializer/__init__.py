@@ -1,0 +1,1 @@
+from .component import dataset_initializer  # noqa: F401

@@ -1,0 +1,68 @@
+"""dataset-initializer: fetch the dataset into /workspace/dataset and check it on CPU."""
+
+from typing import NamedTuple
+
+from kfp import dsl
+
+from kfp_finetune.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def dataset_initializer(
+    runtime: str,
+    dataset_uri: str,
+    metrics: dsl.Output[dsl.Metrics],
+    workspace_path: str = "/workspace",
+    dtype: str = "",
+    batch_size: int = 1,
+    epochs: int = 1,
+    loss: str = "",
+    num_nodes: int = 1,
+    gpus_per_node: int = 0,
+    source: str = "parquet",
+    split: str = "train",
+    train_on_input: bool = False,
+    new_system_prompt: str = "",
+    column_map: dict = {},
+) -> NamedTuple("DatasetInfo", [("rows", int), ("columns", list), ("builder", str)]):
+    """Fetch the dataset into <workspace>/dataset and check it against the preprocessing config.
+
+    Every parameter is validated before anything is downloaded; a missing column or an empty
+    split is reported here, on CPU, before the fine-tune task starts.
+
+    Args:
+        runtime: Runtime name, e.g. torchtune-llama3.2-1b.
+        dataset_uri: hf://org/repo[/dir-or-file], file:///abs/path or /abs/path.
+        metrics: Files, bytes, seconds and rows fetched (shown in the KFP UI).
+        workspace_path: Where the workspace volume is mounted.
+        dtype: Training precision, checked here (bf16 or fp32).
+        batch_size: Batch size, checked here.
+        epochs: Epochs, checked here.
+        loss: Loss component, checked here.
+        num_nodes: Nodes, checked here (must be 1).
+        gpus_per_node: GPUs, checked here.
+        source: Format of the data files: parquet, json, csv, arrow, text or xml.
+        split: Split expression, e.g. train or train[:95%].
+        train_on_input: Whether the prompt counts in the loss.
+        new_system_prompt: System prompt prepended to every sample ("" for none).
+        column_map: Expected column name -> your column name, e.g. {"input": "question"}.
+
+    Returns:
+        rows: Rows the split selects; columns: the data's columns; builder: how it is read.
+    """
+    from kfp_finetune.params import config_from_params
+    from kfp_finetune.runtimes import get_runtime
+    from kfp_finetune.steps import initialize_dataset
+
+    get_runtime(runtime)
+    config = config_from_params(
+        dtype=dtype, batch_size=batch_size, epochs=epochs, loss=loss, num_nodes=num_nodes,
+        gpus_per_node=gpus_per_node, source=source, split=split, train_on_input=train_on_input,
+        new_system_prompt=new_system_prompt, column_map=column_map,
+    )
+    result = initialize_dataset(workspace_path, dataset_uri, config.dataset_preprocess_config)
+    metrics.log_metric("files", result.fetch.files)
+    metrics.log_metric("bytes", result.fetch.bytes)
+    metrics.log_metric("seconds", result.fetch.seconds)
+    metrics.log_metric("rows", result.plan.rows)
+    return (result.plan.rows, result.plan.columns, result.plan.kind)

@@ -1,0 +1,1 @@
+from .component import export_model  # noqa: F401

@@ -1,0 +1,1 @@
+from .component import fine_tune  # noqa: F401

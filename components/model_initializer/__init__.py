@@ -1,0 +1,1 @@
+from .component import model_initializer  # noqa: F401

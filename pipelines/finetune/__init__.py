@@ -1,0 +1,1 @@
+from .pipeline import build_pipeline, pipeline_name  # noqa: F401

@@ -1,0 +1,1 @@
+"""kfp-finetune: fine-tune LLMs with torchtune on Kubeflow Pipelines."""

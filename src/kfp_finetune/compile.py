@@ -1,0 +1,68 @@
+"""Compiling the pipelines to the YAML that users upload to Kubeflow (``compiled/``)."""
+
+from __future__ import annotations
+
+import difflib
+import tempfile
+from pathlib import Path
+
+from kfp_finetune.errors import ConfigError
+from kfp_finetune.runtimes import RUNTIMES, get_runtime
+
+REPO_COMPILED = Path(__file__).resolve().parents[2] / "compiled"
+
+
+def compile_runtime(runtime_name: str, out_dir: Path) -> Path:
+    """Compile one runtime's pipeline to ``out_dir/<runtime>.yaml``.
+
+    Returns:
+        The YAML path.
+    """
+    from kfp import compiler
+
+    from kfp_finetune.pipelines.finetune import build_pipeline
+
+    runtime = get_runtime(runtime_name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{runtime.name}.yaml"
+    compiler.Compiler().compile(build_pipeline(runtime.name), str(path))
+    return path
+
+
+def compile_all(out_dir: Path, runtimes: list[str] | None = None) -> list[Path]:
+    """Compile the given runtimes (all by default)."""
+    return [compile_runtime(name, out_dir) for name in (runtimes or list(RUNTIMES))]
+
+
+def check_compiled(compiled_dir: Path, runtimes: list[str] | None = None) -> list[str]:
+    """Compare ``compiled_dir`` with a fresh compile.
+
+    Returns:
+        One line per stale, missing or extra file (empty when all match), with a short diff.
+    """
+    from kfp_finetune import images
+
+    if images.overridden():
+        raise ConfigError(
+            f"{', '.join(images.overridden())} set: compiled/ holds the default images, so "
+            "--check must run without these variables (unset them)."
+        )
+    problems: list[str] = []
+    names = runtimes or list(RUNTIMES)
+    with tempfile.TemporaryDirectory() as tmp:
+        for fresh in compile_all(Path(tmp), names):
+            committed = compiled_dir / fresh.name
+            if not committed.exists():
+                problems.append(f"{committed}: missing (run `kfp-finetune compile`)")
+                continue
+            old, new = committed.read_text(), fresh.read_text()
+            if old != new:
+                diff = list(difflib.unified_diff(old.splitlines(), new.splitlines(),
+                                                 str(committed), "fresh compile", lineterm="", n=1))
+                problems.append(f"{committed}: stale (run `kfp-finetune compile`)\n"
+                                + "\n".join(diff[:20]))
+    if runtimes is None:
+        expected = {f"{name}.yaml" for name in RUNTIMES}
+        for extra in sorted(p for p in compiled_dir.glob("*.yaml") if p.name not in expected):
+            problems.append(f"{extra}: no runtime of that name; delete it")
+    return problems

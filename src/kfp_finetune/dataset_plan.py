@@ -1,0 +1,179 @@
+"""Checking the dataset against the preprocessing config and choosing the dataset builder.
+
+Runs on CPU in the dataset step, so a typo in a column name never reaches a GPU node. The
+choice is made from the data's columns:
+
+* ``instruction`` + ``output`` (after ``column_map``): alpaca-style triplets, read with our
+  ``alpaca_instruct_dataset``, which keeps the instruction (Kubeflow Trainer's runtimes drop it).
+* ``input`` + ``output``: two-column data, read with torchtune's ``instruct_dataset``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kfp_finetune.errors import DatasetError
+from kfp_finetune.types import DataFormat, TorchTuneInstructDataset
+
+EXTENSIONS = {
+    DataFormat.PARQUET: (".parquet",),
+    DataFormat.JSON: (".json", ".jsonl"),
+    DataFormat.CSV: (".csv",),
+    DataFormat.ARROW: (".arrow",),
+    DataFormat.TEXT: (".txt",),
+    DataFormat.XML: (".xml",),
+}
+ALPACA_BUILDER = "kfp_finetune.datasets.alpaca_instruct_dataset"
+INSTRUCT_BUILDER = "torchtune.datasets.instruct_dataset"
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """How the fine-tune step reads the data.
+
+    Attributes:
+        builder: torchtune ``dataset._component_``.
+        kind: ``"alpaca"`` or ``"instruct"``.
+        source: ``datasets`` builder name.
+        data_files: Absolute paths of the data files.
+        split: Split expression.
+        column_map: Column map to pass (None when the names already match).
+        train_on_input: Whether the prompt counts in the loss.
+        new_system_prompt: System prompt, or None.
+        rows: Rows the split selects.
+        columns: Columns of the data.
+    """
+
+    builder: str
+    kind: str
+    source: str
+    data_files: list[str]
+    split: str
+    column_map: dict[str, str] | None
+    train_on_input: bool
+    new_system_prompt: str | None
+    rows: int
+    columns: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form for JSON."""
+        return asdict(self)
+
+
+def data_files(folder: Path, fmt: DataFormat) -> list[Path]:
+    """Files of the declared format under ``folder``.
+
+    Raises:
+        DatasetError: There are none; the message lists what was found instead.
+    """
+    exts = EXTENSIONS[fmt]
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in exts
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    if not files:
+        found = sorted(
+            {p.suffix or p.name for p in folder.rglob("*") if p.is_file() and p.name[0] != "."}
+        )
+        raise DatasetError(
+            f"source={fmt.value!r} but the dataset has no {'/'.join(exts)} files "
+            f"(found: {', '.join(found) or 'nothing'}); set source to the files' format, "
+            "e.g. source='json' for .jsonl files."
+        )
+    return files
+
+
+def _choose(columns: list[str], column_map: dict[str, str] | None) -> tuple[str, str]:
+    cmap = column_map or {}
+    col = {key: cmap.get(key, key) for key in ("instruction", "input", "output")}
+    missing_named = [f"{k}->{v}" for k, v in cmap.items() if v not in columns]
+    if missing_named:
+        raise DatasetError(
+            f"column_map names columns that the dataset does not have: "
+            f"{', '.join(missing_named)}; the dataset's columns are {columns}. Fix column_map."
+        )
+    if col["output"] not in columns:
+        raise DatasetError(
+            f"the dataset has no output column {col['output']!r} (columns: {columns}); map it "
+            "with column_map={'output': '<your column>'}."
+        )
+    if col["instruction"] in columns:
+        return "alpaca", ALPACA_BUILDER
+    if col["input"] in columns:
+        return "instruct", INSTRUCT_BUILDER
+    raise DatasetError(
+        f"the dataset has neither an instruction column {col['instruction']!r} nor an input "
+        f"column {col['input']!r} (columns: {columns}); map one with "
+        "column_map={'input': '<your prompt column>'}."
+    )
+
+
+def plan_dataset(
+    folder: Path, cfg: TorchTuneInstructDataset, cache_dir: Path
+) -> DatasetPlan:
+    """Read the data with ``datasets``, check it against ``cfg``, and choose the builder.
+
+    Args:
+        folder: The dataset folder.
+        cfg: The preprocessing config.
+        cache_dir: Where ``datasets`` may cache arrow files.
+
+    Returns:
+        The plan for the fine-tune step.
+
+    Raises:
+        DatasetError: Wrong format, unreadable files, missing columns, bad or empty split.
+    """
+    import datasets
+
+    fmt = DataFormat(cfg.source)
+    files = data_files(folder, fmt)
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(
+            fmt.value,
+            data_files=[str(f) for f in files],
+            split=cfg.split,
+            cache_dir=str(cache_dir),
+        )
+    except ValueError as exc:
+        text = str(exc)
+        if "split" in text.lower():
+            raise DatasetError(
+                f"split={cfg.split!r} selects nothing from the data files (they form one split "
+                "named 'train'); use e.g. 'train' or 'train[:95%]'."
+            ) from None
+        raise DatasetError(
+            f"the {fmt.value} files could not be read as a dataset ({text.splitlines()[0]}); "
+            "check that source matches the files' format."
+        ) from None
+    except Exception as exc:  # datasets raises many types for unreadable files
+        raise DatasetError(
+            f"the {fmt.value} files could not be read ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); check that the files are "
+            f"valid {fmt.value} and that source={fmt.value!r} is their format."
+        ) from None
+    columns = list(ds.column_names)
+    kind, builder = _choose(columns, cfg.column_map)
+    if len(ds) == 0:
+        raise DatasetError(
+            f"split={cfg.split!r} selects 0 rows of the dataset; widen the split or check the "
+            "data files."
+        )
+    return DatasetPlan(
+        builder=builder,
+        kind=kind,
+        source=fmt.value,
+        data_files=[str(f) for f in files],
+        split=cfg.split,
+        column_map=cfg.column_map,
+        train_on_input=bool(cfg.train_on_input),
+        new_system_prompt=cfg.new_system_prompt,
+        rows=len(ds),
+        columns=columns,
+    )

@@ -1,0 +1,287 @@
+"""Recipe choice and the torchtune config that the fine-tune step runs.
+
+The recipe and base config follow Kubeflow Trainer's table (GPU count, LoRA, QLoRA):
+
+========================  ===============================  ===================================
+GPUs per node              recipe                           config
+========================  ===============================  ===================================
+0 (CPU) or 1               ``full_finetune_single_device``  ``<family>/<size>_full_single_device``
+0 (CPU) or 1, LoRA         ``lora_finetune_single_device``  ``..._lora_single_device`` (QLoRA:
+                                                            ``..._qlora_single_device``)
+2..8                       ``full_finetune_distributed``    ``<family>/<size>_full``
+2..8, LoRA                 ``lora_finetune_distributed``    ``..._lora`` (QLoRA: ``..._qlora``)
+========================  ===============================  ===================================
+
+The base config is torchtune's own YAML; the overrides below are applied to it and the whole
+result is saved beside the checkpoint, so every value used is visible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kfp_finetune.dataset_plan import DatasetPlan
+from kfp_finetune.errors import ConfigError
+from kfp_finetune.model_check import ModelInfo
+from kfp_finetune.runtimes import Runtime
+from kfp_finetune.types import DataType, LoraConfig, Loss, TorchTuneConfig
+
+# Builders of the -tiny runtimes (module kfp_finetune.hf_models), by (family, LoRA).
+BUILDERS = {
+    ("llama3_2", False): "kfp_finetune.hf_models.llama3_2_from_hf_config",
+    ("llama3_2", True): "kfp_finetune.hf_models.lora_llama3_2_from_hf_config",
+    ("qwen2_5", False): "kfp_finetune.hf_models.qwen2_5_from_hf_config",
+    ("qwen2_5", True): "kfp_finetune.hf_models.lora_qwen2_5_from_hf_config",
+}
+# Keys that the pipeline sets itself; users may not override them (as in Kubeflow Trainer).
+FIXED_KEYS = ("output_dir", "tokenizer.path", "tokenizer.merges_file", "checkpointer.checkpoint_dir")
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """``TorchTuneConfig`` with every default filled in from the runtime."""
+
+    dtype: DataType
+    batch_size: int
+    epochs: int
+    loss: Loss
+    gpus: int
+    peft: LoraConfig | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form for JSON and hashing."""
+        return {
+            "dtype": self.dtype.value,
+            "batch_size": self.batch_size,
+            "epochs": self.epochs,
+            "loss": self.loss.value,
+            "gpus": self.gpus,
+            "peft": None if self.peft is None else dict(vars(self.peft)),
+        }
+
+
+@dataclass(frozen=True)
+class RecipeChoice:
+    """The torchtune recipe, its base config and how to launch it."""
+
+    recipe: str
+    config: str
+    nproc: int
+    device: str
+
+    @property
+    def distributed(self) -> bool:
+        """Whether torchrun starts several processes."""
+        return self.nproc > 1
+
+    def command(self, config_path: Path) -> list[str]:
+        """The ``tune run`` command line."""
+        launch = ["--nproc_per_node", str(self.nproc)] if self.distributed else []
+        return ["tune", "run", *launch, self.recipe, "--config", str(config_path)]
+
+
+def resolve(runtime: Runtime, config: TorchTuneConfig) -> ResolvedConfig:
+    """Fill the unset fields of ``config`` with the runtime's defaults.
+
+    Raises:
+        ConfigError: The combination cannot run (e.g. bf16 on CPU is allowed, QLoRA on CPU not).
+    """
+    gpus = runtime.default_gpus if config.gpus is None else config.gpus
+    resolved = ResolvedConfig(
+        dtype=config.dtype or runtime.default_dtype,
+        batch_size=config.batch_size or runtime.default_batch_size,
+        epochs=config.epochs or runtime.default_epochs,
+        loss=config.loss or Loss.CEWithChunkedOutputLoss,
+        gpus=gpus,
+        peft=config.peft_config,
+    )
+    select_recipe(runtime, resolved)  # raises early for impossible combinations
+    return resolved
+
+
+def _available_configs() -> dict[str, str]:
+    from torchtune._recipe_registry import get_all_recipes
+
+    return {c.name: r.name for r in get_all_recipes() for c in r.configs}
+
+
+def select_recipe(runtime: Runtime, cfg: ResolvedConfig) -> RecipeChoice:
+    """Choose recipe and base config by GPU count and PEFT settings (table above).
+
+    Raises:
+        ConfigError: torchtune has no config for the combination; the message says why.
+    """
+    peft = cfg.peft
+    if peft is None:
+        method, recipe_kind = "full", "full_finetune"
+    elif peft.quantize_base:
+        method, recipe_kind = "qlora", "lora_finetune"
+    else:
+        method, recipe_kind = "lora", "lora_finetune"
+    if cfg.gpus <= 1:
+        recipe = f"{recipe_kind}_single_device"
+        config = f"{runtime.config_family}/{runtime.config_size}_{method}_single_device"
+    else:
+        recipe = f"{recipe_kind}_distributed"
+        config = f"{runtime.config_family}/{runtime.config_size}_{method}"
+    if cfg.gpus == 0 and method == "qlora":
+        raise ConfigError(
+            "QLoRA (quantize_base=True) needs a GPU; set resources_per_node={'gpu': 1} or use "
+            "LoRA without quantize_base on CPU."
+        )
+    known = _available_configs()
+    if known.get(config) != recipe:
+        options = sorted(
+            name for name in known if name.startswith(f"{runtime.config_family}/"
+                                                      f"{runtime.config_size}_")
+        )
+        raise ConfigError(
+            f"runtime {runtime.name!r} with {cfg.gpus} GPU(s) and {method} fine-tuning needs "
+            f"torchtune config {config!r} for recipe {recipe!r}, which torchtune 0.6.1 does not "
+            f"have; configs for this model: {', '.join(options) or 'none'}. Change the GPU count "
+            "or the PEFT settings."
+        )
+    return RecipeChoice(recipe, config, max(cfg.gpus, 1), "cuda" if cfg.gpus > 0 else "cpu")
+
+
+def base_config_path(config_name: str) -> Path:
+    """Path of a torchtune built-in config YAML."""
+    import torchtune
+
+    return Path(torchtune.__file__).parent.parent / "recipes" / "configs" / f"{config_name}.yaml"
+
+
+def _model_overrides(
+    runtime: Runtime, peft: LoraConfig | None, model_dir: Path, base_model: dict[str, Any]
+) -> dict[str, Any]:
+    model: dict[str, Any] = dict(base_model)
+    if runtime.tiny:
+        model = {"_component_": BUILDERS[(runtime.config_family, peft is not None)],
+                 "checkpoint_dir": str(model_dir)}
+        if peft is not None:
+            for key in ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output",
+                        "lora_rank", "lora_alpha", "lora_dropout"):
+                if key in base_model:
+                    model[key] = base_model[key]
+    if peft is not None:
+        model["lora_attn_modules"] = list(peft.lora_attn_modules)
+        for key in ("apply_lora_to_mlp", "apply_lora_to_output", "lora_rank", "lora_alpha",
+                    "lora_dropout", "use_dora"):
+            value = getattr(peft, key)
+            if value is not None:
+                model[key] = value
+        if peft.quantize_base:
+            model["quantize_base"] = True
+    return model
+
+
+def render_config(
+    runtime: Runtime,
+    cfg: ResolvedConfig,
+    *,
+    model_dir: Path,
+    model: ModelInfo,
+    dataset: DatasetPlan,
+    output_dir: Path,
+    cache_dir: Path,
+) -> tuple[RecipeChoice, dict[str, Any]]:
+    """Build the full torchtune config for this run.
+
+    Args:
+        runtime: The runtime.
+        cfg: The resolved training config.
+        model_dir: The base model folder.
+        model: What the model check found.
+        dataset: The dataset plan from the dataset step.
+        output_dir: torchtune's output_dir.
+        cache_dir: Cache folder for ``datasets``.
+
+    Returns:
+        The recipe choice and the config as a plain dict (interpolations resolved).
+    """
+    from omegaconf import OmegaConf
+
+    choice = select_recipe(runtime, cfg)
+    conf = OmegaConf.to_container(OmegaConf.load(base_config_path(choice.config)))
+    assert isinstance(conf, dict)
+    tokenizer = {
+        "_component_": runtime.tokenizer.component,
+        "path": str(model_dir / runtime.tokenizer.path),
+        "max_seq_len": conf.get("tokenizer", {}).get("max_seq_len"),
+    }
+    if runtime.tokenizer.merges_file:
+        tokenizer["merges_file"] = str(model_dir / runtime.tokenizer.merges_file)
+    if model.special_tokens_path:
+        tokenizer["special_tokens_path"] = model.special_tokens_path
+    dataset_conf: dict[str, Any] = {
+        "_component_": dataset.builder,
+        "source": dataset.source,
+        "data_files": list(dataset.data_files),
+        "split": dataset.split,
+        "train_on_input": dataset.train_on_input,
+        "packed": False,
+        "cache_dir": str(cache_dir),
+    }
+    if dataset.column_map:
+        dataset_conf["column_map"] = dict(dataset.column_map)
+    if dataset.new_system_prompt:
+        dataset_conf["new_system_prompt"] = dataset.new_system_prompt
+    checkpointer = dict(conf["checkpointer"])
+    checkpointer.update(
+        checkpoint_dir=str(model_dir),
+        checkpoint_files=list(model.checkpoint_files),
+        output_dir=str(output_dir),
+        model_type=runtime.checkpoint_model_type,
+        recipe_checkpoint=None,
+    )
+    optimizer = dict(conf.get("optimizer", {}))
+    if "bitsandbytes" in str(optimizer.get("_component_", "")) or choice.device == "cpu":
+        # bitsandbytes is not in the trainer image and has no CPU kernels.
+        optimizer = {"_component_": "torch.optim.AdamW", "lr": optimizer.get("lr", 2e-5)}
+        if choice.device == "cuda":
+            optimizer["fused"] = True
+    if runtime.learning_rate is not None:
+        optimizer["lr"] = runtime.learning_rate
+    conf.update(
+        output_dir=str(output_dir),
+        model=_model_overrides(runtime, cfg.peft, model_dir, conf.get("model", {})),
+        tokenizer=tokenizer,
+        dataset=dataset_conf,
+        checkpointer=checkpointer,
+        optimizer=optimizer,
+        loss={"_component_": cfg.loss.value},
+        batch_size=cfg.batch_size,
+        epochs=cfg.epochs,
+        dtype=cfg.dtype.value,
+        device=choice.device,
+        seed=conf.get("seed") if conf.get("seed") is not None else 42,
+        resume_from_checkpoint=False,
+        metric_logger={
+            "_component_": "torchtune.training.metric_logging.DiskLogger",
+            "log_dir": str(output_dir / "logs"),
+            "filename": "metrics.txt",
+        },
+        log_every_n_steps=1,
+    )
+    if cfg.peft is not None:
+        conf["save_adapter_weights_only"] = False
+    if choice.device == "cpu":
+        conf.update(
+            optimizer_in_bwd=False,
+            compile=False,
+            enable_activation_checkpointing=False,
+            enable_activation_offloading=False,
+            log_peak_memory_stats=False,
+        )
+        if "profiler" in conf:
+            conf["profiler"] = {**conf["profiler"], "enabled": False, "cuda": False}
+    return choice, conf
+
+
+def config_fingerprint(conf: dict[str, Any]) -> str:
+    """Stable hash of a rendered config, used to tell a finished run from a changed one."""
+    return hashlib.sha256(json.dumps(conf, sort_keys=True).encode()).hexdigest()[:16]
