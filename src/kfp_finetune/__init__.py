@@ -1,1 +1,63 @@
-"""kfp-finetune: fine-tune LLMs with torchtune on Kubeflow Pipelines."""
+"""kfp-finetune: fine-tune LLMs with torchtune on Kubeflow Pipelines.
+
+The names mirror the Kubeflow Trainer SDK (``TorchTuneConfig``, ``TorchTuneInstructDataset``,
+``LoraConfig``, ``HuggingFaceDatasetInitializer``, ...). Heavy modules (torch, torchtune, kfp)
+are imported only when a function that needs them runs.
+"""
+
+from kfp_finetune.errors import (
+    ConfigError,
+    DatasetError,
+    KfpFinetuneError,
+    ModelError,
+    SourceError,
+    TrainingError,
+    WorkspaceError,
+)
+from kfp_finetune.runtimes import RUNTIMES, Runtime, get_runtime
+from kfp_finetune.types import (
+    DataFormat,
+    DataType,
+    HuggingFaceDatasetInitializer,
+    HuggingFaceModelInitializer,
+    Initializer,
+    LoraConfig,
+    Loss,
+    TorchTuneConfig,
+    TorchTuneInstructDataset,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RUNTIMES",
+    "BuiltinTrainer",
+    "ConfigError",
+    "DataFormat",
+    "DataType",
+    "DatasetError",
+    "HuggingFaceDatasetInitializer",
+    "HuggingFaceModelInitializer",
+    "Initializer",
+    "KfpFinetuneError",
+    "LoraConfig",
+    "Loss",
+    "ModelError",
+    "Runtime",
+    "SourceError",
+    "TorchTuneConfig",
+    "TorchTuneInstructDataset",
+    "TrainingError",
+    "WorkspaceError",
+    "get_runtime",
+    "train",
+]
+
+
+def __getattr__(name: str):
+    # train() and BuiltinTrainer pull in kfp; import them only when asked for.
+    if name in ("train", "BuiltinTrainer"):
+        from kfp_finetune import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'kfp_finetune' has no attribute {name!r}")

@@ -38,7 +38,12 @@ BUILDERS = {
     ("qwen2_5", True): "kfp_finetune.hf_models.lora_qwen2_5_from_hf_config",
 }
 # Keys that the pipeline sets itself; users may not override them (as in Kubeflow Trainer).
-FIXED_KEYS = ("output_dir", "tokenizer.path", "tokenizer.merges_file", "checkpointer.checkpoint_dir")
+FIXED_KEYS = (
+    "output_dir",
+    "tokenizer.path",
+    "tokenizer.merges_file",
+    "checkpointer.checkpoint_dir",
+)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,85 @@
+"""The Python entry point, shaped like the Kubeflow Trainer SDK's ``client.train(...)``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from kfp_finetune.errors import ConfigError
+from kfp_finetune.local import LocalRunResult, run_local
+from kfp_finetune.types import Initializer, TorchTuneConfig
+
+
+@dataclass
+class BuiltinTrainer:
+    """The trainer of a run: torchtune with ``config`` (as in ``kubeflow.trainer``)."""
+
+    config: TorchTuneConfig
+
+
+@contextmanager
+def _token_env(token: str | None) -> Iterator[None]:
+    # Locally the token reaches the tasks through the environment only (never a parameter).
+    if not token:
+        yield
+        return
+    old = os.environ.get("HF_TOKEN")
+    os.environ["HF_TOKEN"] = token
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HF_TOKEN", None)
+        else:
+            os.environ["HF_TOKEN"] = old
+
+
+def train(
+    runtime: str,
+    initializer: Initializer,
+    trainer: BuiltinTrainer | None = None,
+    workspace: str | Path = "kfp-finetune-workspace",
+    export_name: str = "",
+) -> LocalRunResult:
+    """Run the whole pipeline locally (kfp.local), like ``TrainerClient().train(...)``.
+
+    Args:
+        runtime: Runtime name, e.g. ``torchtune-llama3.2-tiny``.
+        initializer: ``Initializer(dataset=HuggingFaceDatasetInitializer(...),
+            model=HuggingFaceModelInitializer(...))``. An ``access_token`` given here is passed
+            to the local tasks through the ``HF_TOKEN`` environment variable only.
+        trainer: ``BuiltinTrainer(config=TorchTuneConfig(...))``; default config if None.
+        workspace: Local folder used as the workspace volume.
+        export_name: Folder under ``output/`` for the model ("" for the default).
+
+    Returns:
+        Where the fine-tuned model is and the loss per step.
+
+    Raises:
+        ConfigError: No dataset initializer was given.
+    """
+    if initializer.dataset is None:
+        raise ConfigError(
+            "initializer.dataset is missing; pass Initializer(dataset="
+            "HuggingFaceDatasetInitializer(storage_uri=...), model=...)."
+        )
+    model = initializer.model
+    tokens = {i.access_token for i in (initializer.dataset, model) if i and i.access_token}
+    if len(tokens) > 1:
+        raise ConfigError(
+            "the dataset and model initializers carry different access tokens; one HF_TOKEN is "
+            "used for both, so pass the same token (or set HF_TOKEN)."
+        )
+    config = trainer.config if trainer else TorchTuneConfig()
+    with _token_env(next(iter(tokens), None)):
+        return run_local(
+            runtime,
+            model.storage_uri if model else "",
+            initializer.dataset.storage_uri,
+            config,
+            workspace,
+            export_name,
+        )

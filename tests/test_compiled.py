@@ -1,0 +1,114 @@
+"""The compiled YAML users upload: structure asserted, and compiled/ equal to a fresh compile."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kfp_finetune.compile import REPO_COMPILED, check_compiled, compile_runtime
+from kfp_finetune.runtimes import RUNTIMES
+
+STEPS = ("dataset-initializer", "model-initializer", "fine-tune", "export-model")
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compiled")
+    return {name: list(yaml.safe_load_all(compile_runtime(name, out).read_text()))
+            for name in RUNTIMES}
+
+
+def test_committed_compiled_dir_equals_a_fresh_compile():
+    assert check_compiled(REPO_COMPILED) == []
+
+
+def test_check_reports_a_stale_file(tmp_path):
+    compile_runtime("torchtune-llama3.2-1b", tmp_path)
+    stale = tmp_path / "torchtune-llama3.2-1b.yaml"
+    stale.write_text(stale.read_text().replace("20Gi", "21Gi"))
+    problems = check_compiled(tmp_path, ["torchtune-llama3.2-1b"])
+    assert len(problems) == 1 and "stale" in problems[0] and "21Gi" in problems[0]
+
+
+@pytest.mark.parametrize("runtime", list(RUNTIMES))
+def test_pvc_per_run_with_size_class_and_access_modes_as_parameters(compiled, runtime):
+    spec, _ = compiled[runtime]
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["pvc_size"]["defaultValue"] == RUNTIMES[runtime].pvc_size
+    for name in ("pvc_size", "pvc_storage_class", "pvc_access_modes"):
+        assert params[name]["description"]
+    pvc = spec["root"]["dag"]["tasks"]["createpvc"]
+    assert pvc["componentRef"]["name"] == "comp-createpvc"
+    inputs = pvc["inputs"]["parameters"]
+    assert inputs["size"] == {"componentInputParameter": "pvc_size"}
+    assert inputs["storage_class_name"] == {"componentInputParameter": "pvc_storage_class"}
+    assert inputs["access_modes"] == {"componentInputParameter": "pvc_access_modes"}
+    # A name suffix (not a fixed name) makes the backend generate a new PVC name per run.
+    assert "pvc_name" not in inputs and inputs["pvc_name_suffix"]["runtimeValue"]["constant"]
+
+
+@pytest.mark.parametrize("runtime", list(RUNTIMES))
+def test_every_other_task_mounts_the_pvc_at_workspace(compiled, runtime):
+    _, platform = compiled[runtime]
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for step in STEPS:
+        mounts = executors[f"exec-{step}"]["pvcMount"]
+        assert [m["mountPath"] for m in mounts] == ["/workspace"]
+        assert mounts[0]["pvcNameParameter"]["taskOutputParameter"] == {
+            "outputParameterKey": "name", "producerTask": "createpvc"}
+
+
+@pytest.mark.parametrize("runtime", list(RUNTIMES))
+def test_fine_tune_requests_the_gpu_count(compiled, runtime):
+    spec, _ = compiled[runtime]
+    resources = spec["deploymentSpec"]["executors"]["exec-fine-tune"]["container"]["resources"]
+    accel = resources["accelerator"]
+    assert accel["resourceType"] == "nvidia.com/gpu"
+    assert accel["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus_per_node']}}"
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert int(params["gpus_per_node"]["defaultValue"]) == RUNTIMES[runtime].default_gpus
+    task = spec["root"]["dag"]["tasks"]["fine-tune"]
+    assert task["inputs"]["parameters"]["gpus_per_node"] == {
+        "componentInputParameter": "gpus_per_node"}
+
+
+@pytest.mark.parametrize("runtime", list(RUNTIMES))
+def test_hf_token_comes_from_an_optional_secret_not_a_parameter(compiled, runtime):
+    spec, platform = compiled[runtime]
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert not [p for p in params if "token" in p.lower() and p != "hf_token_secret"]
+    assert params["hf_token_secret"]["parameterType"] == "STRING"
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for step in ("dataset-initializer", "model-initializer"):
+        (secret,) = [s for s in executors[f"exec-{step}"]["secretAsEnv"]
+                     if s["keyToEnv"][0]["envVar"] == "HF_TOKEN"]
+        assert secret["optional"] is True
+        assert secret["secretNameParameter"] == {"componentInputParameter": "hf_token_secret"}
+
+
+@pytest.mark.parametrize("runtime", list(RUNTIMES))
+def test_initializers_run_in_parallel_and_fine_tune_waits_for_both(compiled, runtime):
+    spec, _ = compiled[runtime]
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["dataset-initializer"]["dependentTasks"] == ["createpvc"]
+    assert tasks["model-initializer"]["dependentTasks"] == ["createpvc"]
+    assert set(tasks["fine-tune"]["dependentTasks"]) == {
+        "createpvc", "dataset-initializer", "model-initializer"}
+    assert "fine-tune" in tasks["export-model"]["dependentTasks"]
+
+
+@pytest.mark.parametrize("runtime", list(RUNTIMES))
+def test_components_use_the_project_images_without_installing_kfp(compiled, runtime):
+    from kfp_finetune import images
+
+    spec, _ = compiled[runtime]
+    execs = spec["deploymentSpec"]["executors"]
+    assert execs["exec-fine-tune"]["container"]["image"] == images.TRAINER_IMAGE
+    for step in ("dataset-initializer", "model-initializer", "export-model"):
+        container = execs[f"exec-{step}"]["container"]
+        assert container["image"] == images.CPU_IMAGE
+        assert "pip install" not in " ".join(container["command"])
+
+
+def test_compiled_dir_has_one_yaml_per_runtime():
+    assert sorted(p.stem for p in Path(REPO_COMPILED).glob("*.yaml")) == sorted(RUNTIMES)
