@@ -63,10 +63,12 @@ def test_fine_tune_requests_the_gpu_count(compiled, runtime):
     spec, _ = compiled[runtime]
     resources = spec["deploymentSpec"]["executors"]["exec-fine-tune"]["container"]["resources"]
     accel = resources["accelerator"]
-    assert accel["resourceType"] == "nvidia.com/gpu"
+    assert accel["resourceType"] == (
+        "{{$.inputs.parameters['pipelinechannel--accelerator_type']}}")
     assert accel["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus_per_node']}}"
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert int(params["gpus_per_node"]["defaultValue"]) == RUNTIMES[runtime].default_gpus
+    assert params["accelerator_type"]["defaultValue"] == "nvidia.com/gpu"
     task = spec["root"]["dag"]["tasks"]["fine-tune"]
     assert task["inputs"]["parameters"]["gpus_per_node"] == {
         "componentInputParameter": "gpus_per_node"}

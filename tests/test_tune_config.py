@@ -5,8 +5,8 @@ import pytest
 from kfp_finetune.dataset_plan import ALPACA_BUILDER, INSTRUCT_BUILDER, DatasetPlan
 from kfp_finetune.model_check import ModelInfo
 from kfp_finetune.runtimes import get_runtime
-from kfp_finetune.tune_config import FIXED_KEYS, render_config, resolve
-from kfp_finetune.types import LoraConfig, TorchTuneConfig
+from kfp_finetune.tune_config import render_config, resolve
+from kfp_finetune.types import FIXED_KEYS, LoraConfig, TorchTuneConfig
 
 MODEL = Path("/workspace/model")
 OUT = Path("/workspace/output/checkpoints")

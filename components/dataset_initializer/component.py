@@ -24,7 +24,12 @@ def dataset_initializer(
     train_on_input: bool = False,
     new_system_prompt: str = "",
     column_map: dict = {},
-) -> NamedTuple("DatasetInfo", [("rows", int), ("columns", list), ("builder", str)]):
+    ignore_patterns: list = [],
+) -> NamedTuple(
+    "DatasetInfo",
+    [("rows", int), ("columns", list), ("builder", str), ("files", int), ("bytes", int),
+     ("seconds", float), ("revision", str), ("skipped", bool)],
+):
     """Fetch the dataset into <workspace>/dataset and check it against the preprocessing config.
 
     Every parameter is validated before anything is downloaded; a missing column or an empty
@@ -46,13 +51,17 @@ def dataset_initializer(
         train_on_input: Whether the prompt counts in the loss.
         new_system_prompt: System prompt prepended to every sample ("" for none).
         column_map: Expected column name -> your column name, e.g. {"input": "question"}.
+        ignore_patterns: Glob patterns of files not to fetch, e.g. ["data/test-*"].
 
     Returns:
-        rows: Rows the split selects; columns: the data's columns; builder: how it is read.
+        rows: Rows the split selects; columns: the data's columns; builder: how it is read;
+        files, bytes, seconds: what was fetched; revision: the commit or version fetched;
+        skipped: True when a complete copy was already in the workspace.
     """
     from kfp_finetune.params import config_from_params
     from kfp_finetune.runtimes import get_runtime
     from kfp_finetune.steps import initialize_dataset
+    from kfp_finetune.workspace import Workspace, read_manifest
 
     get_runtime(runtime)
     config = config_from_params(
@@ -60,9 +69,22 @@ def dataset_initializer(
         gpus_per_node=gpus_per_node, source=source, split=split, train_on_input=train_on_input,
         new_system_prompt=new_system_prompt, column_map=column_map,
     )
-    result = initialize_dataset(workspace_path, dataset_uri, config.dataset_preprocess_config)
-    metrics.log_metric("files", result.fetch.files)
-    metrics.log_metric("bytes", result.fetch.bytes)
-    metrics.log_metric("seconds", result.fetch.seconds)
+    result = initialize_dataset(
+        workspace_path, dataset_uri, config.dataset_preprocess_config,
+        ignore_patterns=list(ignore_patterns or []),
+    )
+    manifest = read_manifest(Workspace.at(workspace_path).dataset_dir) or {}
+    revision = str(manifest.get("revision") or manifest.get("version") or "")
+    fetched = result.fetch
+    metrics.log_metric("files", fetched.files)
+    metrics.log_metric("bytes", fetched.bytes)
+    metrics.log_metric("seconds", fetched.seconds)
+    metrics.log_metric("mib_per_s", round(fetched.bytes / 2**20 / fetched.seconds, 2)
+                       if fetched.seconds and not fetched.skipped else 0.0)
+    metrics.log_metric("skipped", int(fetched.skipped))
     metrics.log_metric("rows", result.plan.rows)
-    return (result.plan.rows, result.plan.columns, result.plan.kind)
+    metrics.log_metric("columns", len(result.plan.columns))
+    metrics.metadata["source"] = fetched.source
+    metrics.metadata["revision"] = revision
+    return (result.plan.rows, result.plan.columns, result.plan.kind, fetched.files,
+            fetched.bytes, float(fetched.seconds), revision, fetched.skipped)

@@ -1,5 +1,7 @@
 """export: write the fine-tuned model to /workspace/output/<name> and record it in KFP."""
 
+from typing import NamedTuple
+
 from kfp import dsl
 
 from kfp_finetune.images import CPU_IMAGE
@@ -11,28 +13,45 @@ def export_model(
     model: dsl.Output[dsl.Model],
     workspace_path: str = "/workspace",
     export_name: str = "",
-) -> str:
-    """Copy the final checkpoint to <workspace>/output/<export_name> as a Hugging Face folder.
+    run_id: str = "",
+    push_to: str = "",
+    copy_to_artifact: bool = False,
+) -> NamedTuple("ExportInfo", [("path", str), ("exported_elsewhere", bool)]):
+    """Write the final checkpoint to <workspace>/output/<name> as a Hugging Face model folder.
 
-    The KFP Model artifact carries the metadata (base model, dataset, runtime, config, final
-    loss and where the files are); the weights stay on the volume.
+    The folder loads with transformers and vLLM as it is (config, generation config, tokenizer,
+    sharded safetensors with index); LoRA runs give the merged model there and the PEFT adapter
+    in its adapter/ subfolder. The KFP Model artifact carries the metadata (base model and
+    revision, dataset, runtime, config, final loss, where the files are); the weights are
+    copied into the artifact store only with copy_to_artifact.
 
     Args:
         runtime: Runtime name (recorded in the metadata).
-        model: The Model artifact: a JSON description of the exported model.
+        model: The Model artifact: metadata, plus the model files with copy_to_artifact.
         workspace_path: Where the workspace volume is mounted.
-        export_name: Folder name under output/ ("" for <base model>-finetuned).
+        export_name: Folder under output/ ("" for <base model>-finetuned-<run id>).
+        run_id: The KFP run's id; keeps runs from overwriting each other's exports.
+        push_to: Also copy the model to hf://org/repo[@branch] or s3://bucket/prefix ("" none).
+        copy_to_artifact: Also copy the model files into the KFP artifact store.
 
     Returns:
-        The folder of the exported model.
+        path: folder of the exported model; exported_elsewhere: a copy exists off the volume.
     """
     import json
+    import shutil
 
-    from kfp_finetune.steps import export_model as export
+    from kfp_finetune.export import export_model as export
 
-    result = export(workspace_path, runtime, export_name)
-    meta = {k: v for k, v in result.metadata.items() if k != "files"}
-    with open(model.path, "w") as handle:
-        json.dump(result.metadata, handle, indent=2)
-    model.metadata.update({k: v for k, v in meta.items() if v is not None})
-    return result.path
+    result = export(workspace_path, runtime, export_name, run_id, push_to)
+    meta = {k: v for k, v in result.metadata.items() if k != "files" and v is not None}
+    meta["destinations"] = result.destinations
+    meta["files"] = result.files
+    meta["bytes"] = result.bytes
+    if copy_to_artifact:
+        shutil.copytree(result.path, model.path, ignore=shutil.ignore_patterns(".*"))
+    else:
+        with open(model.path, "w") as handle:
+            json.dump(meta, handle, indent=2)
+    meta["weights_in_artifact"] = copy_to_artifact
+    model.metadata.update(meta)
+    return (result.path, result.exported_elsewhere)

@@ -24,7 +24,28 @@ def model_initializer(
     train_on_input: bool = False,
     new_system_prompt: str = "",
     column_map: dict = {},
-) -> NamedTuple("ModelInfo", [("recipe", str), ("config", str), ("weight_files", int)]):
+    peft_method: str = "none",
+    lora_rank: int = 0,
+    lora_alpha: float = 0.0,
+    lora_dropout: float = -1.0,
+    lora_attn_modules: list = [],
+    apply_lora_to_mlp: str = "auto",
+    apply_lora_to_output: str = "auto",
+    learning_rate: float = 0.0,
+    gradient_accumulation_steps: int = 0,
+    max_seq_len: int = 0,
+    packed: str = "auto",
+    compile: str = "auto",
+    activation_checkpointing: str = "auto",
+    max_steps_per_epoch: int = 0,
+    seed: int = 42,
+    overrides: list = [],
+    ignore_patterns: list = [],
+) -> NamedTuple(
+    "ModelInfo",
+    [("recipe", str), ("config", str), ("weight_files", int), ("files", int), ("bytes", int),
+     ("seconds", float), ("revision", str), ("skipped", bool)],
+):
     """Fetch the base model into <workspace>/model and check it against the runtime.
 
     The whole training config is validated before anything is downloaded, and the model's
@@ -47,20 +68,61 @@ def model_initializer(
         train_on_input: Whether the prompt counts in the loss.
         new_system_prompt: System prompt, checked here.
         column_map: Column map, checked here.
+        peft_method: none (full fine-tuning), lora, qlora or dora.
+        lora_rank: LoRA rank (0: the torchtune config's).
+        lora_alpha: LoRA alpha (0: the torchtune config's).
+        lora_dropout: LoRA dropout (negative: the torchtune config's).
+        lora_attn_modules: Attention projections with LoRA ([]: q_proj, v_proj, output_proj).
+        apply_lora_to_mlp: auto, true or false.
+        apply_lora_to_output: auto, true or false.
+        learning_rate: Learning rate (0: the runtime's or torchtune config's).
+        gradient_accumulation_steps: Steps per optimizer update (0: the config's).
+        max_seq_len: Longest tokenized sample (0: the runtime's on GPU, else none).
+        packed: Pack samples into max_seq_len sequences: auto, true or false.
+        compile: torch.compile the model: auto, true or false.
+        activation_checkpointing: auto, true or false.
+        max_steps_per_epoch: Stop each epoch after this many steps (0: no limit).
+        seed: Random seed.
+        overrides: Raw torchtune key=value overrides, applied last.
+        ignore_patterns: Glob patterns of files not to fetch (as the Kubeflow SDK's), e.g.
+            ["original/*"]; *.bin, *.pt, *.pth, *.h5 and *.msgpack are skipped anyway when
+            the repository has safetensors.
 
     Returns:
-        recipe and config: the torchtune recipe and base config that will run.
+        recipe and config: the torchtune recipe and base config that will run; weight_files,
+        files, bytes, seconds: what was fetched; revision: the commit or version fetched;
+        skipped: True when a complete copy was already in the workspace.
     """
     from kfp_finetune.params import config_from_params
     from kfp_finetune.steps import initialize_model
+    from kfp_finetune.workspace import Workspace, read_manifest
 
     config = config_from_params(
         dtype=dtype, batch_size=batch_size, epochs=epochs, loss=loss, num_nodes=num_nodes,
         gpus_per_node=gpus_per_node, source=source, split=split, train_on_input=train_on_input,
         new_system_prompt=new_system_prompt, column_map=column_map,
+        peft_method=peft_method, lora_rank=lora_rank, lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout, lora_attn_modules=lora_attn_modules,
+        apply_lora_to_mlp=apply_lora_to_mlp, apply_lora_to_output=apply_lora_to_output,
+        learning_rate=learning_rate, gradient_accumulation_steps=gradient_accumulation_steps,
+        max_seq_len=max_seq_len, packed=packed, compile=compile,
+        activation_checkpointing=activation_checkpointing,
+        max_steps_per_epoch=max_steps_per_epoch, seed=seed, overrides=overrides,
     )
-    result = initialize_model(workspace_path, model_uri, runtime, config)
-    metrics.log_metric("files", result.fetch.files)
-    metrics.log_metric("bytes", result.fetch.bytes)
-    metrics.log_metric("seconds", result.fetch.seconds)
-    return (result.recipe, result.config, len(result.info.checkpoint_files))
+    result = initialize_model(
+        workspace_path, model_uri, runtime, config, ignore_patterns=list(ignore_patterns or [])
+    )
+    manifest = read_manifest(Workspace.at(workspace_path).model_dir) or {}
+    revision = str(manifest.get("revision") or manifest.get("version") or "")
+    fetched = result.fetch
+    metrics.log_metric("files", fetched.files)
+    metrics.log_metric("bytes", fetched.bytes)
+    metrics.log_metric("seconds", fetched.seconds)
+    metrics.log_metric("mib_per_s", round(fetched.bytes / 2**20 / fetched.seconds, 2)
+                       if fetched.seconds and not fetched.skipped else 0.0)
+    metrics.log_metric("skipped", int(fetched.skipped))
+    metrics.log_metric("weight_files", len(result.info.checkpoint_files))
+    metrics.metadata["source"] = fetched.source
+    metrics.metadata["revision"] = revision
+    return (result.recipe, result.config, len(result.info.checkpoint_files), fetched.files,
+            fetched.bytes, float(fetched.seconds), revision, fetched.skipped)

@@ -62,6 +62,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _config_from_args(args: argparse.Namespace):
+    from kfp_finetune.params import lora_from_params
     from kfp_finetune.types import TorchTuneConfig, TorchTuneInstructDataset
 
     column_map = parse_column_map(args.column_map) if args.column_map else None
@@ -79,6 +80,20 @@ def _config_from_args(args: argparse.Namespace):
             new_system_prompt=args.new_system_prompt,
             column_map=column_map,
         ),
+        peft_config=lora_from_params(
+            args.peft, args.lora_rank or 0, args.lora_alpha or 0.0,
+            -1.0 if args.lora_dropout is None else args.lora_dropout,
+            args.lora_attn_modules.split(",") if args.lora_attn_modules else None,
+        ),
+        learning_rate=args.learning_rate,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_seq_len=args.max_seq_len,
+        packed=args.packed,
+        compile=args.compile,
+        activation_checkpointing=args.activation_checkpointing,
+        max_steps_per_epoch=args.max_steps_per_epoch,
+        seed=args.seed,
+        overrides=args.override or None,
     )
 
 
@@ -123,6 +138,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace", default=DEFAULT_WORKSPACE,
                    help=f"local folder used as the workspace volume (default: {DEFAULT_WORKSPACE})")
+    _add_training_options(p)
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    # The options `run` and `submit` share (everything but where the run happens).
     p.add_argument("--dtype", help="bf16 or fp32 (default: the runtime's)")
     p.add_argument("--batch-size", type=int, help="samples per device per step")
     p.add_argument("--epochs", type=int, help="passes over the dataset")
@@ -136,6 +156,117 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-system-prompt", help="system prompt prepended to every sample")
     p.add_argument("--column-map", help="expected=yours pairs, e.g. input=question,output=answer")
     p.add_argument("--export-name", default="", help="folder name under output/ for the model")
+    p.add_argument("--peft", default="none", help="none (full), lora, qlora or dora")
+    p.add_argument("--lora-rank", type=int, help="LoRA rank (default: the torchtune config's)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha")
+    p.add_argument("--lora-dropout", type=float, help="LoRA dropout")
+    p.add_argument("--lora-attn-modules", help="e.g. q_proj,v_proj,output_proj")
+    p.add_argument("--learning-rate", type=float, help="learning rate")
+    p.add_argument("--gradient-accumulation-steps", type=int, help="batches per update")
+    p.add_argument("--max-seq-len", type=int, help="longest tokenized sample (needed to pack)")
+    for flag, text in (("packed", "pack samples into max_seq_len sequences"),
+                       ("compile", "torch.compile the model and loss"),
+                       ("activation-checkpointing", "recompute activations to save memory")):
+        p.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"{text} (default: the runtime's)")
+    p.add_argument("--max-steps-per-epoch", type=int, help="stop each epoch after N steps")
+    p.add_argument("--seed", type=int, help="random seed (default 42)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="raw torchtune override, applied last (repeatable)")
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from kfp_finetune.local import pipeline_arguments
+    from kfp_finetune.submit import (
+        Connection,
+        api_errors,
+        make_client,
+        normalize_cron,
+        ops_arguments,
+        submit,
+        wait,
+    )
+
+    if args.wait and args.schedule:
+        raise ConfigError(
+            "--wait follows one run; a --schedule creates runs later. Drop one of the two."
+        )
+    config = _config_from_args(args)
+    arguments = pipeline_arguments(
+        args.runtime, args.model_uri, args.dataset_uri, config, args.export_name
+    )
+    arguments.update(ops_arguments(
+        push_to=args.push_to, delete_workspace=args.delete_workspace,
+        copy_to_artifact=args.copy_to_artifact, pvc_size=args.pvc_size,
+        pvc_storage_class=args.pvc_storage_class, pvc_access_mode=args.pvc_access_mode,
+        accelerator_type=args.accelerator_type, node_selector=args.node_selector,
+        tolerations=args.tolerations, cpu_request=args.cpu_request,
+        memory_request=args.memory_request, hf_token_secret=args.hf_token_secret,
+        s3_secret=args.s3_secret,
+    ))
+    if args.schedule is not None:
+        normalize_cron(args.schedule)  # checked before anything is sent
+    conn = Connection(
+        host=args.host, namespace=args.namespace, kube_context=args.kube_context,
+        token_file=args.token_file, ssl_ca_cert=args.ssl_ca_cert,
+    )
+    with api_errors(conn):
+        client = make_client(conn)
+        result = submit(
+            client, args.runtime, arguments, experiment=args.experiment, run_name=args.run_name,
+            schedule=args.schedule, max_concurrency=args.max_concurrency,
+            namespace=args.namespace,
+        )
+        if result.recurring_run_id:
+            print(f"recurring run: {result.recurring_run_id}")
+            return 0
+        print(f"run: {result.run_id}")
+        if not args.wait:
+            return 0
+        state = wait(client, result.run_id or "", args.wait_timeout, poll_s=args.poll_interval)
+    return 0 if state == "SUCCEEDED" else 1
+
+
+def _add_submit_options(p: argparse.ArgumentParser) -> None:
+    c = p.add_argument_group("connection (authentication as kfp.Client does it)")
+    c.add_argument("--host", help="KFP endpoint, e.g. http://localhost:8080 or "
+                   "https://kubeflow.example.com/pipeline (default: $KF_PIPELINES_ENDPOINT; "
+                   "none: in-cluster service, else the kubeconfig context)")
+    c.add_argument("--namespace", help="Kubeflow profile namespace (multi-user deployments)")
+    c.add_argument("--kube-context", help="kubeconfig context (when no --host is given)")
+    c.add_argument("--token-file", help="file with a bearer token (default: $KFP_TOKEN if set)")
+    c.add_argument("--ssl-ca-cert", help="CA bundle of a self-signed endpoint")
+    r = p.add_argument_group("run")
+    r.add_argument("--experiment", default="kfp-finetune", help="experiment (created if missing)")
+    r.add_argument("--run-name", help="display name of the run or recurring run")
+    r.add_argument("--schedule", metavar="CRON",
+                   help="create a recurring run instead: '0 3 * * *' (5 fields), 6 fields with "
+                   "seconds first, or @daily / '@every 12h'")
+    r.add_argument("--max-concurrency", type=int, default=1,
+                   help="runs of the schedule allowed at once (default: 1)")
+    r.add_argument("--wait", action="store_true", help="follow the run to its end; exit 1 "
+                   "unless it succeeded")
+    r.add_argument("--wait-timeout", type=float, default=7 * 24 * 3600,
+                   help="seconds --wait waits (default: 7 days)")
+    r.add_argument("--poll-interval", type=float, default=30.0, help=argparse.SUPPRESS)
+    o = p.add_argument_group("operations (default: the pipeline's)")
+    o.add_argument("--push-to", default="",
+                   help="also copy the model to hf://org/repo[@branch] or s3://bucket/prefix")
+    o.add_argument("--delete-workspace", action="store_true",
+                   help="delete the run's volume after the export (needs --push-to)")
+    o.add_argument("--copy-to-artifact", action="store_true",
+                   help="also copy the weights into the KFP artifact store")
+    o.add_argument("--pvc-size", help="size of the per-run volume, e.g. 100Gi")
+    o.add_argument("--pvc-storage-class", help="StorageClass of the volume")
+    o.add_argument("--pvc-access-mode", help="ReadWriteOnce (default) or ReadWriteMany")
+    o.add_argument("--accelerator-type", help="accelerator resource, e.g. nvidia.com/gpu")
+    o.add_argument("--node-selector", metavar="JSON",
+                   help='node labels for fine-tune, e.g. \'{"gpu": "a100"}\'')
+    o.add_argument("--tolerations", metavar="JSON", help="JSON list of tolerations for fine-tune")
+    o.add_argument("--cpu-request", help="CPUs for fine-tune, e.g. 8")
+    o.add_argument("--memory-request", help="memory for fine-tune, e.g. 64Gi")
+    o.add_argument("--hf-token-secret", help="Secret with key HF_TOKEN (default: hf-token)")
+    o.add_argument("--s3-secret", help="Secret with AWS_* keys (default: s3-credentials)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf://org/repo[/dir-or-file], file:///path or /path")
     _add_run_options(p)
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "submit", help="upload the pipeline to Kubeflow and start a run (or a recurring run)"
+    )
+    p.add_argument("--runtime", required=True, help="runtime name (kfp-finetune runtimes)")
+    p.add_argument("--model-uri", default="", help="hf://org/repo (default: the runtime's)")
+    p.add_argument("--dataset-uri", required=True, help="hf://org/repo[/dir-or-file]")
+    _add_training_options(p)
+    _add_submit_options(p)
+    p.set_defaults(func=_cmd_submit)
 
     p = sub.add_parser("fixtures", help="write the tiny test models and dataset")
     p.add_argument("dir", help="folder to write them under")

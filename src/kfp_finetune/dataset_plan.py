@@ -6,6 +6,8 @@ choice is made from the data's columns:
 * ``instruction`` + ``output`` (after ``column_map``): alpaca-style triplets, read with our
   ``alpaca_instruct_dataset``, which keeps the instruction (Kubeflow Trainer's runtimes drop it).
 * ``input`` + ``output``: two-column data, read with torchtune's ``instruct_dataset``.
+* ``messages`` (OpenAI style turns) or ``conversations`` (ShareGPT style), and no output
+  column: chat data, read with torchtune's ``chat_dataset``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ EXTENSIONS = {
 }
 ALPACA_BUILDER = "kfp_finetune.datasets.alpaca_instruct_dataset"
 INSTRUCT_BUILDER = "torchtune.datasets.instruct_dataset"
+CHAT_BUILDER = "torchtune.datasets.chat_dataset"
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class DatasetPlan:
 
     Attributes:
         builder: torchtune ``dataset._component_``.
-        kind: ``"alpaca"`` or ``"instruct"``.
+        kind: ``"alpaca"``, ``"instruct"`` or ``"chat"``.
         source: ``datasets`` builder name.
         data_files: Absolute paths of the data files.
         split: Split expression.
@@ -44,6 +47,8 @@ class DatasetPlan:
         new_system_prompt: System prompt, or None.
         rows: Rows the split selects.
         columns: Columns of the data.
+        conversation_column: Column of the conversations (chat data).
+        conversation_style: ``openai`` or ``sharegpt`` (chat data).
     """
 
     builder: str
@@ -56,6 +61,8 @@ class DatasetPlan:
     new_system_prompt: str | None
     rows: int
     columns: list[str]
+    conversation_column: str | None = None
+    conversation_style: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form for JSON."""
@@ -88,7 +95,25 @@ def data_files(folder: Path, fmt: DataFormat) -> list[Path]:
     return files
 
 
-def _choose(columns: list[str], column_map: dict[str, str] | None) -> tuple[str, str]:
+def _chat_style(first_row: dict[str, Any], column: str) -> str:
+    """``openai`` for [{role, content}], ``sharegpt`` for [{from, value}] conversations."""
+    turns = first_row.get(column)
+    if isinstance(turns, list) and turns and isinstance(turns[0], dict):
+        if {"role", "content"} <= set(turns[0]):
+            return "openai"
+        if {"from", "value"} <= set(turns[0]):
+            return "sharegpt"
+    raise DatasetError(
+        f"column {column!r} holds no conversation: expected a list of "
+        "{'role': ..., 'content': ...} (OpenAI style) or {'from': ..., 'value': ...} (ShareGPT "
+        f"style) turns, found {str(turns)[:80]!r}."
+    )
+
+
+def _choose(
+    columns: list[str], column_map: dict[str, str] | None, first_row: dict[str, Any]
+) -> tuple[str, str, str | None, str | None]:
+    """Choose how the data is read: (kind, builder, conversation column, conversation style)."""
     cmap = column_map or {}
     col = {key: cmap.get(key, key) for key in ("instruction", "input", "output")}
     missing_named = [f"{k}->{v}" for k, v in cmap.items() if v not in columns]
@@ -98,19 +123,46 @@ def _choose(columns: list[str], column_map: dict[str, str] | None) -> tuple[str,
             f"{', '.join(missing_named)}; the dataset's columns are {columns}. Fix column_map."
         )
     if col["output"] not in columns:
+        for key in ("messages", "conversations"):
+            chat = cmap.get(key, key)
+            if chat in columns:
+                return "chat", CHAT_BUILDER, chat, _chat_style(first_row, chat)
         raise DatasetError(
-            f"the dataset has no output column {col['output']!r} (columns: {columns}); map it "
-            "with column_map={'output': '<your column>'}."
+            f"the dataset has no output column {col['output']!r} and no conversation column "
+            f"('messages' or 'conversations') (columns: {columns}); map one with "
+            "column_map={'output': '<your column>'} or {'messages': '<your column>'}."
         )
     if col["instruction"] in columns:
-        return "alpaca", ALPACA_BUILDER
+        return "alpaca", ALPACA_BUILDER, None, None
     if col["input"] in columns:
-        return "instruct", INSTRUCT_BUILDER
+        return "instruct", INSTRUCT_BUILDER, None, None
     raise DatasetError(
         f"the dataset has neither an instruction column {col['instruction']!r} nor an input "
         f"column {col['input']!r} (columns: {columns}); map one with "
         "column_map={'input': '<your prompt column>'}."
     )
+
+
+def _names(folder: Path, files: list[Path]) -> str:
+    rel = [f.relative_to(folder).as_posix() for f in files[:3]]
+    return str(rel) + (f" (+{len(files) - 3} more)" if len(files) > 3 else "")
+
+
+def _all_empty(files: list[Path], fmt: DataFormat) -> bool:
+    """Whether the files hold no rows (parquet: from the footer; others: empty files)."""
+    try:
+        if fmt is DataFormat.PARQUET:
+            import pyarrow.parquet as pq
+
+            return sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 0
+        return all(f.stat().st_size == 0 for f in files)
+    except Exception:  # noqa: BLE001 - unreadable files are reported by the full read
+        return False
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else "no detail"
+    return line[:300]
 
 
 def plan_dataset(
@@ -133,6 +185,11 @@ def plan_dataset(
 
     fmt = DataFormat(cfg.source)
     files = data_files(folder, fmt)
+    if _all_empty(files, fmt):
+        raise DatasetError(
+            f"the dataset files {_names(folder, files)} hold 0 rows, so split={cfg.split!r} "
+            "selects nothing; check that the data files were written completely."
+        )
     datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(
@@ -143,28 +200,30 @@ def plan_dataset(
         )
     except ValueError as exc:
         text = str(exc)
-        if "split" in text.lower():
+        if "split" in text.lower() or "corresponds to no data" in text:
             raise DatasetError(
-                f"split={cfg.split!r} selects nothing from the data files (they form one split "
-                "named 'train'); use e.g. 'train' or 'train[:95%]'."
+                f"split={cfg.split!r} selects nothing from the data files ({_first_line(text)}; "
+                "they form one split named 'train'); use e.g. 'train' or 'train[:95%]'."
             ) from None
         raise DatasetError(
-            f"the {fmt.value} files could not be read as a dataset ({text.splitlines()[0]}); "
-            "check that source matches the files' format."
+            f"the {fmt.value} files {_names(folder, files)} could not be read as a dataset "
+            f"({_first_line(text)}); check that source={fmt.value!r} matches the files' format."
         ) from None
     except Exception as exc:  # datasets raises many types for unreadable files
         raise DatasetError(
-            f"the {fmt.value} files could not be read ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); check that the files are "
+            f"the {fmt.value} files {_names(folder, files)} could not be read "
+            f"({type(exc).__name__}: {_first_line(str(exc))}); check that the files are "
             f"valid {fmt.value} and that source={fmt.value!r} is their format."
         ) from None
     columns = list(ds.column_names)
-    kind, builder = _choose(columns, cfg.column_map)
     if len(ds) == 0:
         raise DatasetError(
             f"split={cfg.split!r} selects 0 rows of the dataset; widen the split or check the "
             "data files."
         )
+    kind, builder, conversation_column, conversation_style = _choose(
+        columns, cfg.column_map, ds[0]
+    )
     return DatasetPlan(
         builder=builder,
         kind=kind,
@@ -176,4 +235,6 @@ def plan_dataset(
         new_system_prompt=cfg.new_system_prompt,
         rows=len(ds),
         columns=columns,
+        conversation_column=conversation_column,
+        conversation_style=conversation_style,
     )

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kfp_finetune.export import check_export_name, latest_export
+from kfp_finetune.params import training_params
 from kfp_finetune.runtimes import get_runtime
-from kfp_finetune.steps import check_export_name, export_path
 from kfp_finetune.training_log import read_metrics
 from kfp_finetune.tune_config import resolve
 from kfp_finetune.types import Loss, TorchTuneConfig, TorchTuneInstructDataset
@@ -63,6 +64,7 @@ def pipeline_arguments(
         "train_on_input": bool(pre.train_on_input),
         "new_system_prompt": pre.new_system_prompt or "",
         "column_map": dict(pre.column_map or {}),
+        **training_params(config),
         "export_name": export_name,
     }
 
@@ -102,5 +104,5 @@ def run_local(
     )
     pipeline = build_pipeline(runtime_name, local_workspace=str(ws.root))
     pipeline(**arguments)
-    model_dir = export_path(ws, export_name)
+    model_dir = latest_export(ws, export_name)
     return LocalRunResult(ws.root, model_dir, read_metrics(ws.checkpoints_dir / "logs"))

@@ -1,13 +1,22 @@
-"""Checking a model folder against the runtime before any GPU time is spent."""
+"""Checking a model folder against the runtime before any GPU time is spent.
+
+The checks run twice on CPU in the model step: on the file listing and ``config.json`` before
+the weights are downloaded (so a wrong-family or wrong-size checkpoint costs one small file),
+and on the finished folder.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kfp_finetune.errors import ModelError
-from kfp_finetune.runtimes import Runtime, runtime_for_shape
+from kfp_finetune.runtimes import RUNTIMES, Runtime, runtime_for_shape
+
+_BIN_WEIGHTS = re.compile(r"^(pytorch_)?model(-\d+-of-\d+)?\.bin$")
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,97 @@ class ModelInfo:
     num_layers: int
 
 
+def weight_files(names: list[str]) -> list[str]:
+    """The top-level weight files among ``names``: safetensors, else PyTorch ``.bin`` shards."""
+    top = [n for n in names if "/" not in n]
+    safetensors = sorted(n for n in top if n.endswith(".safetensors"))
+    if safetensors:
+        return safetensors
+    return sorted(n for n in top if _BIN_WEIGHTS.match(n))
+
+
+def _runtimes_of(model_type: Any) -> str:
+    names = [rt.name for rt in RUNTIMES.values() if rt.hf_model_type == model_type]
+    return f" (runtimes for {model_type!r}: {', '.join(names)})" if names else ""
+
+
+def check_model_config(cfg: dict[str, Any], runtime: Runtime, where: str = "the model") -> None:
+    """Check a parsed ``config.json`` against the runtime's family and size.
+
+    Raises:
+        ModelError: Wrong ``model_type`` or shape; the message names the right runtime.
+    """
+    model_type = cfg.get("model_type")
+    if model_type != runtime.hf_model_type:
+        raise ModelError(
+            f"{where} is a {model_type!r} checkpoint but runtime {runtime.name!r} fine-tunes "
+            f"{runtime.hf_model_type!r} models; choose a runtime of the model's family"
+            f"{_runtimes_of(model_type)} (`kfp-finetune runtimes`)."
+        )
+    hidden, layers = cfg.get("hidden_size"), cfg.get("num_hidden_layers")
+    if runtime.shape is not None and (hidden, layers) != runtime.shape:
+        right = runtime_for_shape(model_type, hidden, layers)
+        hint = (
+            f"use runtime {right.name!r}"
+            if right
+            else f"use torchtune-{runtime.config_family.replace('_', '.')}-tiny, which reads the "
+            "sizes from config.json"
+        )
+        raise ModelError(
+            f"{where} has hidden_size={hidden}, num_hidden_layers={layers}, but runtime "
+            f"{runtime.name!r} expects {runtime.shape[0]} and {runtime.shape[1]}; {hint}."
+        )
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """Parse ``config.json``.
+
+    Raises:
+        ModelError: It is missing or not a JSON object.
+    """
+    if not path.is_file():
+        raise ModelError(
+            f"the model has no config.json (in {str(path.parent)!r}); a Hugging Face model "
+            "folder is needed: config.json, *.safetensors and the tokenizer files."
+        )
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ModelError(
+            f"config.json in {str(path.parent)!r} is not valid JSON ({exc}); re-download the "
+            "model."
+        ) from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"config.json in {str(path.parent)!r} is not a JSON object.")
+    return cfg
+
+
+def check_model_files(names: list[str], runtime: Runtime, where: str = "the model") -> None:
+    """Check a file listing (before download): config, weights and tokenizer files present.
+
+    Raises:
+        ModelError: Something the runtime needs is missing; the message names it.
+    """
+    present = set(names)
+    if "config.json" not in present:
+        raise ModelError(
+            f"{where} has no config.json at its top level (files: {sorted(present)[:8]}); "
+            "point the URI at a Hugging Face transformers checkpoint folder."
+        )
+    if not weight_files(names):
+        raise ModelError(
+            f"{where} has no *.safetensors (or PyTorch model*.bin) weights at its top level; "
+            "torchtune's Hugging Face checkpointer needs them."
+        )
+    missing = [f for f in runtime.tokenizer.files() if f not in present]
+    if missing:
+        raise ModelError(
+            f"{where} lacks the tokenizer file(s) {missing} that runtime {runtime.name!r} "
+            "uses; point the URI at the full repository (it has them), or choose the runtime "
+            "of the model's family."
+        )
+
+
 def check_model(folder: Path, runtime: Runtime) -> ModelInfo:
     """Check that ``folder`` holds a checkpoint the runtime can fine-tune.
 
@@ -41,37 +141,10 @@ def check_model(folder: Path, runtime: Runtime) -> ModelInfo:
         ModelError: config.json, weights or tokenizer files are missing, or the architecture
             or size does not match the runtime (the message names the right runtime).
     """
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise ModelError(
-            f"the model has no config.json (in {str(folder)!r}); a Hugging Face model folder is "
-            "needed: config.json, *.safetensors and the tokenizer files."
-        )
-    try:
-        cfg = json.loads(config_path.read_text())
-    except ValueError as exc:
-        raise ModelError(f"config.json is not valid JSON ({exc}); re-download the model.") from None
-    model_type = cfg.get("model_type")
-    if model_type != runtime.hf_model_type:
-        raise ModelError(
-            f"the model is a {model_type!r} checkpoint but runtime {runtime.name!r} fine-tunes "
-            f"{runtime.hf_model_type!r} models; choose a runtime of the model's family "
-            "(`kfp-finetune runtimes`)."
-        )
-    hidden, layers = cfg.get("hidden_size"), cfg.get("num_hidden_layers")
-    if runtime.shape is not None and (hidden, layers) != runtime.shape:
-        right = runtime_for_shape(model_type, hidden, layers)
-        hint = (
-            f"use runtime {right.name!r}"
-            if right
-            else f"use torchtune-{runtime.config_family.replace('_', '.')}-tiny, which reads the "
-            "sizes from config.json"
-        )
-        raise ModelError(
-            f"the model has hidden_size={hidden}, num_hidden_layers={layers}, but runtime "
-            f"{runtime.name!r} expects {runtime.shape[0]} and {runtime.shape[1]}; {hint}."
-        )
-    weights = sorted(p.name for p in folder.glob("*.safetensors"))
+    cfg = read_config(folder / "config.json")
+    check_model_config(cfg, runtime)
+    names = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    weights = weight_files(names)
     if not weights:
         raise ModelError(
             f"the model folder {str(folder)!r} has no *.safetensors weights; torchtune's "
@@ -87,6 +160,6 @@ def check_model(folder: Path, runtime: Runtime) -> ModelInfo:
     return ModelInfo(
         checkpoint_files=weights,
         special_tokens_path=str(special) if special.is_file() else None,
-        hidden_size=int(hidden or 0),
-        num_layers=int(layers or 0),
+        hidden_size=int(cfg.get("hidden_size") or 0),
+        num_layers=int(cfg.get("num_hidden_layers") or 0),
     )

@@ -7,34 +7,45 @@ finished.
 
 from __future__ import annotations
 
-import os
-import re
 import shutil
-import subprocess
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kfp_finetune.dataset_plan import DatasetPlan, plan_dataset
-from kfp_finetune.errors import TrainingError, WorkspaceError
-from kfp_finetune.model_check import ModelInfo, check_model
-from kfp_finetune.runtimes import Runtime, get_runtime
-from kfp_finetune.storage import fetch
-from kfp_finetune.training_log import read_metrics
-from kfp_finetune.tune_config import ResolvedConfig, config_fingerprint, render_config, resolve
-from kfp_finetune.types import TorchTuneConfig, TorchTuneInstructDataset
+from kfp_finetune.dataset_plan import EXTENSIONS, DatasetPlan, plan_dataset
+from kfp_finetune.errors import WorkspaceError
+from kfp_finetune.export import (  # noqa: F401  (the export step lives in export.py)
+    ExportSummary,
+    check_export_name,
+    export_model,
+    export_path,
+)
+from kfp_finetune.model_check import (
+    ModelInfo,
+    check_model,
+    check_model_config,
+    check_model_files,
+    read_config,
+)
+from kfp_finetune.runtimes import get_runtime
+from kfp_finetune.storage import (
+    FetchOptions,
+    RetryPolicy,
+    check_ignore_patterns,
+    digest,
+    fetch,
+    remote_version,
+)
+from kfp_finetune.tune_config import resolve
+from kfp_finetune.types import DataFormat, TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.uris import StorageUri, parse_storage_uri
 from kfp_finetune.workspace import (
-    MANIFEST,
     Workspace,
     install,
-    list_files,
     read_manifest,
-    staged,
-    write_json_atomic,
 )
 
 Log = Callable[[str], None]
@@ -56,30 +67,105 @@ class FetchSummary:
 
 
 def _initialize(
-    ws: Workspace, uri: StorageUri, folder: Path, kind: str, log: Log
+    ws: Workspace,
+    uri: StorageUri,
+    folder: Path,
+    kind: str,
+    log: Log,
+    options: FetchOptions | None = None,
+    retry: RetryPolicy | None = None,
 ) -> FetchSummary:
+    """Fetch ``uri`` into ``folder`` once: skip finished work, resume interrupted work.
+
+    A folder whose manifest records the same source, options and (remote) version is kept
+    without any request for file content. Otherwise the files go to a staging folder named
+    after the source (so an interrupted run resumes there), the manifest is written last and
+    the staging folder replaces ``folder`` in one rename.
+    """
     start = time.monotonic()
+    opts = options or FetchOptions(kind=kind)
+    policy = retry or RetryPolicy.from_env()
+    key = digest([uri.describe(), opts.fingerprint()])
     manifest = read_manifest(folder)
-    if manifest is not None and manifest.get("source") == uri.describe():
-        log(f"[{kind}] {uri.describe()} is already complete in {folder}; skipping the download.")
-        files = manifest.get("files", [])
-        return FetchSummary(
-            uri.describe(), len(files), sum(f["bytes"] for f in files), 0.0, True
-        )
+    if manifest is not None and manifest.get("source") == uri.describe() \
+            and manifest.get("fetch_key") == key and _files_intact(folder, manifest):
+        current = remote_version(uri, kind, policy, log)
+        if current is None or current == manifest.get("version"):
+            files = manifest.get("files", [])
+            seconds = round(time.monotonic() - start, 3)
+            log(f"[{kind}] {uri.describe()} is already complete in {folder} "
+                f"(revision {manifest.get('revision') or manifest.get('version')}); skipping "
+                "the download.")
+            return FetchSummary(
+                uri.describe(), len(files), sum(f["bytes"] for f in files), seconds, True
+            )
+        log(f"[{kind}] {uri.describe()} changed since it was fetched; fetching it again.")
+    elif manifest is not None:
+        log(f"[{kind}] {folder} holds {manifest.get('source')!r}; replacing it with "
+            f"{uri.describe()}.")
     log(f"[{kind}] fetching {uri.describe()} into {folder}")
-    with staged(ws, kind) as staging:
-        fetch(uri, staging, kind)
-        files = list_files(staging)
+    staging_root = ws.root / ".staging"
+    staging_root.mkdir(parents=True, exist_ok=True)
+    staging = staging_root / f"{kind}-{key[:16]}"
+    with _exclusive(staging_root / f"{kind}-{key[:16]}.lock", uri):
+        try:
+            result = fetch(uri, staging, opts, log=log, retry=policy)
+        except BaseException:
+            if uri.scheme == "file":
+                shutil.rmtree(staging, ignore_errors=True)
+            else:
+                log(f"[{kind}] download stopped; finished files stay in {staging} and a re-run "
+                    "resumes from there.")
+            raise
+        seconds = round(time.monotonic() - start, 3)
+        total = sum(f["bytes"] for f in result.files)
         install(
             staging,
             folder,
-            {"source": uri.describe(), "revision": uri.revision, "files": files,
+            {"source": uri.describe(), "kind": kind, "scheme": uri.scheme,
+             "requested_revision": uri.revision, "revision": result.revision,
+             "version": result.version, "fetch_key": key, "options": opts.fingerprint(),
+             "files": result.files, "bytes": total, "seconds": seconds,
              "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         )
-    seconds = time.monotonic() - start
-    total = sum(f["bytes"] for f in files)
-    log(f"[{kind}] fetched {len(files)} files, {total} bytes in {seconds:.1f} s")
-    return FetchSummary(uri.describe(), len(files), total, round(seconds, 3), False)
+    for stale in staging_root.glob(f"{kind}-*"):
+        if stale.is_dir() and not stale.with_suffix(".lock").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    rate = total / seconds / 2**20 if seconds > 0 else 0.0
+    log(f"[{kind}] fetched {len(result.files)} files, {total} bytes in {seconds:.1f} s "
+        f"({result.downloaded} transferred now, {rate:.1f} MiB/s)"
+        + (f", revision {result.revision}" if result.revision else ""))
+    return FetchSummary(uri.describe(), len(result.files), total, seconds, False)
+
+
+def _files_intact(folder: Path, manifest: dict[str, Any]) -> bool:
+    """Whether every file of the manifest is still there with its recorded size."""
+    try:
+        return all(
+            (folder / f["path"]).stat().st_size == f["bytes"] for f in manifest.get("files", [])
+        )
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+@contextmanager
+def _exclusive(lock_path: Path, uri: StorageUri) -> Iterator[None]:
+    """Hold an exclusive lock so that two runs never write the same staging folder."""
+    import fcntl
+
+    with open(lock_path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise WorkspaceError(
+                f"another process is fetching {uri.describe()} into this workspace "
+                f"({str(lock_path)!r} is locked); wait for it to finish, then re-run."
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    lock_path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -95,21 +181,36 @@ def initialize_dataset(
     storage_uri: str,
     preprocess: TorchTuneInstructDataset,
     log: Log = _print,
+    *,
+    ignore_patterns: Iterable[str] | None = None,
+    retry: RetryPolicy | None = None,
 ) -> DatasetSummary:
     """Fetch the dataset into ``<workspace>/dataset`` and check it against ``preprocess``.
 
+    Only files of the declared format are fetched; the check (files parse, the builder's
+    columns exist after ``column_map``, the split selects rows) runs here, on CPU.
+
     Args:
         workspace: Workspace root (``/workspace`` on a cluster).
-        storage_uri: Where the data comes from.
+        storage_uri: Where the data comes from (hf://, s3://, file:// or an absolute path).
         preprocess: How it will be read; checked here, on CPU.
         log: Where progress lines go.
+        ignore_patterns: Glob patterns of files not to fetch.
+        retry: Retry policy for network errors (default: from the environment).
 
     Returns:
         What was fetched and how the fine-tune step will read it.
     """
     uri = parse_storage_uri(storage_uri, "dataset")
+    fmt = DataFormat(preprocess.source)
+    options = FetchOptions(
+        kind="dataset",
+        extensions=EXTENSIONS[fmt],
+        data_format=fmt.value,
+        ignore_patterns=check_ignore_patterns(ignore_patterns),
+    )
     ws = Workspace.at(workspace)
-    summary = _initialize(ws, uri, ws.dataset_dir, "dataset", log)
+    summary = _initialize(ws, uri, ws.dataset_dir, "dataset", log, options, retry)
     plan = plan_dataset(ws.dataset_dir, preprocess, ws.cache_dir / "datasets")
     log(
         f"[dataset] {plan.rows} rows, columns {plan.columns}; read as {plan.kind} data with "
@@ -134,11 +235,16 @@ def initialize_model(
     runtime_name: str,
     config: TorchTuneConfig,
     log: Log = _print,
+    *,
+    ignore_patterns: Iterable[str] | None = None,
+    retry: RetryPolicy | None = None,
 ) -> ModelSummary:
     """Fetch the base model into ``<workspace>/model`` and check it against the runtime.
 
     The training config is resolved first, so an impossible combination (unknown runtime,
-    QLoRA on CPU, a GPU count torchtune has no config for) fails before any download.
+    QLoRA on CPU, a GPU count torchtune has no config for) fails before any download. The
+    file listing (config, weights, tokenizer files) and ``config.json`` (family and size) are
+    checked before the weights are downloaded.
 
     Args:
         workspace: Workspace root.
@@ -146,6 +252,8 @@ def initialize_model(
         runtime_name: Runtime name.
         config: The training config.
         log: Where progress lines go.
+        ignore_patterns: Glob patterns of files not to fetch (as the Kubeflow SDK's).
+        retry: Retry policy for network errors (default: from the environment).
 
     Returns:
         What was fetched and the recipe that will run.
@@ -156,234 +264,20 @@ def initialize_model(
     resolved = resolve(runtime, config)
     uri = parse_storage_uri(storage_uri or runtime.model_uri, "model")
     choice = select_recipe(runtime, resolved)
+    where = f"model {uri.describe()!r}"
+    options = FetchOptions(
+        kind="model",
+        ignore_patterns=check_ignore_patterns(ignore_patterns),
+        check_files=lambda names: check_model_files(names, runtime, where),
+        check_config=lambda path: check_model_config(read_config(path), runtime, where),
+    )
     ws = Workspace.at(workspace)
-    summary = _initialize(ws, uri, ws.model_dir, "model", log)
+    summary = _initialize(ws, uri, ws.model_dir, "model", log, options, retry)
     info = check_model(ws.model_dir, runtime)
     log(f"[model] ok for {runtime.name}: {len(info.checkpoint_files)} weight file(s); "
         f"recipe {choice.recipe}, config {choice.config}")
     return ModelSummary(summary, info, choice.recipe, choice.config)
 
 
-@dataclass(frozen=True)
-class TrainSummary:
-    """Result of the fine-tune step."""
-
-    checkpoint_dir: str
-    config_path: str
-    recipe: str
-    config: str
-    losses: list[tuple[int, float]]
-    seconds: float
-    skipped: bool
-
-    @property
-    def final_loss(self) -> float:
-        """Loss of the last logged step (NaN when none was logged)."""
-        return self.losses[-1][1] if self.losses else float("nan")
-
-
-def _require(folder: Path, step: str) -> dict[str, Any]:
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise WorkspaceError(
-            f"{str(folder)!r} has no finished {step} output; run the {step} step first (on a "
-            "cluster: check that every task mounts the same workspace volume)."
-        )
-    return manifest
-
-
-def prepare_training(
-    ws: Workspace, runtime: Runtime, resolved: ResolvedConfig, preprocess: TorchTuneInstructDataset
-) -> tuple[Any, dict[str, Any]]:
-    """Check the workspace's dataset and model and render the torchtune config."""
-    _require(ws.dataset_dir, "dataset-initializer")
-    _require(ws.model_dir, "model-initializer")
-    info = check_model(ws.model_dir, runtime)
-    plan = plan_dataset(ws.dataset_dir, preprocess, ws.cache_dir / "datasets")
-    return render_config(
-        runtime,
-        resolved,
-        model_dir=ws.model_dir,
-        model=info,
-        dataset=plan,
-        output_dir=ws.checkpoints_dir,
-        cache_dir=ws.cache_dir / "datasets",
-    )
-
-
-def run_fine_tune(
-    workspace: str | Path,
-    runtime_name: str,
-    config: TorchTuneConfig,
-    log: Log = _print,
-) -> TrainSummary:
-    """Render the torchtune config, run ``tune run`` and stream its log.
-
-    A re-run with the same rendered config finds the finished checkpoint and does not train
-    again; a changed config trains anew.
-
-    Args:
-        workspace: Workspace root.
-        runtime_name: Runtime name.
-        config: The training config.
-        log: Where progress lines (and torchtune's log) go.
-
-    Returns:
-        Where the checkpoint is and the loss per step.
-    """
-    from omegaconf import OmegaConf
-
-    runtime = get_runtime(runtime_name)
-    resolved = resolve(runtime, config)
-    ws = Workspace.at(workspace)
-    preprocess = config.dataset_preprocess_config or TorchTuneInstructDataset()
-    choice, conf = prepare_training(ws, runtime, resolved, preprocess)
-    fingerprint = config_fingerprint(conf)
-    out = ws.checkpoints_dir
-    done = read_manifest(out)
-    config_path = out / "torchtune_config.yaml"
-    if done is not None and done.get("fingerprint") == fingerprint:
-        log(f"[fine-tune] {out} already holds the finished run of this config; not training again.")
-        return TrainSummary(str(out / done["final_epoch_dir"]), str(config_path), choice.recipe,
-                            choice.config, read_metrics(out / "logs"), 0.0, True)
-    if out.exists():
-        log(f"[fine-tune] clearing unfinished or different earlier output in {out}")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create(conf), config_path)
-    cmd = choice.command(config_path)
-    log(f"[fine-tune] recipe {choice.recipe}, base config {choice.config}, "
-        f"{choice.nproc} process(es) on {choice.device}")
-    log(f"[fine-tune] full config: {config_path}")
-    log(f"[fine-tune] $ {' '.join(cmd)}")
-    start = time.monotonic()
-    _stream(cmd, log)
-    seconds = time.monotonic() - start
-    epochs = sorted(
-        (p for p in out.glob("epoch_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1])
-    )
-    if not epochs or not list(epochs[-1].glob("*.safetensors")):
-        raise TrainingError(
-            f"torchtune finished but wrote no checkpoint under {out}; see the log above."
-        )
-    final = epochs[-1]
-    losses = read_metrics(out / "logs")
-    write_json_atomic(
-        out / MANIFEST,
-        {"fingerprint": fingerprint, "final_epoch_dir": final.name, "recipe": choice.recipe,
-         "config": choice.config, "resolved": resolved.to_dict(), "seconds": round(seconds, 3),
-         "final_loss": losses[-1][1] if losses else None},
-    )
-    log(f"[fine-tune] done in {seconds:.1f} s; checkpoint {final}")
-    return TrainSummary(str(final), str(config_path), choice.recipe, choice.config, losses,
-                        round(seconds, 3), False)
-
-
-def _tune_executable() -> list[str]:
-    # Run torchtune's CLI with this interpreter, so the same environment is used everywhere.
-    return [sys.executable, "-m", "torchtune._cli.tune"]
-
-
-def _stream(cmd: list[str], log: Log) -> None:
-    argv = _tune_executable() + cmd[1:]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    tail: list[str] = []
-    with subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
-    ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            log(line)
-            tail = (tail + [line])[-30:]
-        code = proc.wait()
-    if code != 0:
-        raise TrainingError(
-            f"`tune run` exited with code {code}; last lines:\n" + "\n".join(tail[-15:])
-        )
-
-
-@dataclass(frozen=True)
-class ExportSummary:
-    """Result of the export step."""
-
-    path: str
-    files: int
-    bytes: int
-    metadata: dict[str, Any]
-
-
-def check_export_name(name: str) -> str:
-    """Check that an export name is a plain folder name ("" means the default).
-
-    Raises:
-        WorkspaceError: It is not.
-    """
-    if name and (
-        not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name) or name == "checkpoints"
-    ):
-        raise WorkspaceError(
-            f"export_name={name!r} is not a plain folder name; use letters, digits, '.', '-' "
-            "and '_' (and not 'checkpoints')."
-        )
-    return name
-
-
-def export_path(ws: Workspace, name: str = "") -> Path:
-    """Folder of the exported model: ``output/<name>``, default ``<base model>-finetuned``."""
-    if not check_export_name(name):
-        base = _require(ws.model_dir, "model-initializer")
-        name = f"{base['source'].rstrip('/').split('/')[-1]}-finetuned"
-    return ws.output_dir / name
-
-
-def export_model(
-    workspace: str | Path, runtime_name: str, name: str = "", log: Log = _print
-) -> ExportSummary:
-    """Copy the final checkpoint to ``<workspace>/output/<name>`` as a Hugging Face folder.
-
-    Args:
-        workspace: Workspace root.
-        runtime_name: Runtime name (recorded in the metadata).
-        name: Folder name under ``output/``; default ``<base model>-finetuned``.
-        log: Where progress lines go.
-
-    Returns:
-        Where the model is, and its metadata.
-    """
-    runtime = get_runtime(runtime_name)
-    ws = Workspace.at(workspace)
-    trained = _require(ws.checkpoints_dir, "fine-tune")
-    base = _require(ws.model_dir, "model-initializer")
-    dataset = _require(ws.dataset_dir, "dataset-initializer")
-    final = export_path(ws, name)
-    src = ws.checkpoints_dir / trained["final_epoch_dir"]
-    done = read_manifest(final)
-    if done is not None and done.get("fingerprint") == trained["fingerprint"]:
-        log(f"[export] {final} already holds this run's model; nothing to do.")
-        return ExportSummary(str(final), len(done["files"]),
-                             sum(f["bytes"] for f in done["files"]), done)
-    with staged(ws, f"export-{name}") as staging:
-        for path in sorted(src.rglob("*")):
-            rel = path.relative_to(src)
-            if path.is_file() and not rel.name.startswith("."):
-                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, staging / rel)
-        files = list_files(staging)
-        metadata = {
-            "fingerprint": trained["fingerprint"],
-            "runtime": runtime.name,
-            "base_model": base["source"],
-            "base_model_revision": base.get("revision"),
-            "dataset": dataset["source"],
-            "recipe": trained["recipe"],
-            "config": trained["config"],
-            "training": trained["resolved"],
-            "final_loss": trained.get("final_loss"),
-            "path": str(final),
-            "files": files,
-        }
-        install(staging, final, metadata)
-    total = sum(f["bytes"] for f in files)
-    log(f"[export] fine-tuned model: {final} ({len(files)} files, {total} bytes)")
-    return ExportSummary(str(final), len(files), total, metadata)
+# The fine-tune step lives in its own module; re-exported for the component and callers.
+from kfp_finetune.finetune import TrainSummary, prepare_training, run_fine_tune  # noqa: E402,F401

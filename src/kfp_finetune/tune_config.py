@@ -37,18 +37,14 @@ BUILDERS = {
     ("qwen2_5", False): "kfp_finetune.hf_models.qwen2_5_from_hf_config",
     ("qwen2_5", True): "kfp_finetune.hf_models.lora_qwen2_5_from_hf_config",
 }
-# Keys that the pipeline sets itself; users may not override them (as in Kubeflow Trainer).
-FIXED_KEYS = (
-    "output_dir",
-    "tokenizer.path",
-    "tokenizer.merges_file",
-    "checkpointer.checkpoint_dir",
-)
 
 
 @dataclass(frozen=True)
 class ResolvedConfig:
-    """``TorchTuneConfig`` with every default filled in from the runtime."""
+    """``TorchTuneConfig`` with every default filled in from the runtime.
+
+    ``None`` in the optional knobs means "keep the torchtune config's value".
+    """
 
     dtype: DataType
     batch_size: int
@@ -56,17 +52,26 @@ class ResolvedConfig:
     loss: Loss
     gpus: int
     peft: LoraConfig | None
+    learning_rate: float | None = None
+    gradient_accumulation_steps: int | None = None
+    max_seq_len: int | None = None
+    packed: bool = False
+    activation_checkpointing: bool | None = None
+    compile: bool | None = None
+    max_steps_per_epoch: int | None = None
+    seed: int = 42
+    overrides: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form for JSON and hashing."""
-        return {
-            "dtype": self.dtype.value,
-            "batch_size": self.batch_size,
-            "epochs": self.epochs,
-            "loss": self.loss.value,
-            "gpus": self.gpus,
-            "peft": None if self.peft is None else dict(vars(self.peft)),
-        }
+        data = {k: v for k, v in vars(self).items() if k not in ("peft", "overrides")}
+        data.update(
+            dtype=self.dtype.value,
+            loss=self.loss.value,
+            peft=None if self.peft is None else dict(vars(self.peft)),
+            overrides=list(self.overrides),
+        )
+        return data
 
 
 @dataclass(frozen=True)
@@ -92,10 +97,20 @@ class RecipeChoice:
 def resolve(runtime: Runtime, config: TorchTuneConfig) -> ResolvedConfig:
     """Fill the unset fields of ``config`` with the runtime's defaults.
 
+    On GPU the runtime's speed defaults (packing, ``max_seq_len``, ``compile``) apply unless the
+    user set them; on CPU none do.
+
     Raises:
-        ConfigError: The combination cannot run (e.g. bf16 on CPU is allowed, QLoRA on CPU not).
+        ConfigError: The combination cannot run (QLoRA on CPU, packing without a length, a
+            GPU count torchtune has no config for).
     """
     gpus = runtime.default_gpus if config.gpus is None else config.gpus
+    speed = {**runtime.defaults, **(runtime.gpu_defaults if gpus > 0 else {})}
+
+    def pick(name: str, default: Any = None) -> Any:
+        value = getattr(config, name)
+        return value if value is not None else speed.get(name, default)
+
     resolved = ResolvedConfig(
         dtype=config.dtype or runtime.default_dtype,
         batch_size=config.batch_size or runtime.default_batch_size,
@@ -103,7 +118,21 @@ def resolve(runtime: Runtime, config: TorchTuneConfig) -> ResolvedConfig:
         loss=config.loss or Loss.CEWithChunkedOutputLoss,
         gpus=gpus,
         peft=config.peft_config,
+        learning_rate=config.learning_rate or runtime.learning_rate,
+        gradient_accumulation_steps=pick("gradient_accumulation_steps"),
+        max_seq_len=pick("max_seq_len"),
+        packed=bool(pick("packed", False)),
+        activation_checkpointing=pick("activation_checkpointing"),
+        compile=pick("compile"),
+        max_steps_per_epoch=config.max_steps_per_epoch,
+        seed=42 if config.seed is None else config.seed,
+        overrides=tuple(config.overrides or ()),
     )
+    if resolved.packed and resolved.max_seq_len is None:
+        raise ConfigError(
+            "packed=True needs max_seq_len (the length samples are packed to); set "
+            "max_seq_len, e.g. 2048."
+        )
     select_recipe(runtime, resolved)  # raises early for impossible combinations
     return resolved
 
@@ -216,7 +245,7 @@ def render_config(
     tokenizer = {
         "_component_": runtime.tokenizer.component,
         "path": str(model_dir / runtime.tokenizer.path),
-        "max_seq_len": conf.get("tokenizer", {}).get("max_seq_len"),
+        "max_seq_len": cfg.max_seq_len or conf.get("tokenizer", {}).get("max_seq_len"),
     }
     if runtime.tokenizer.merges_file:
         tokenizer["merges_file"] = str(model_dir / runtime.tokenizer.merges_file)
@@ -228,10 +257,13 @@ def render_config(
         "data_files": list(dataset.data_files),
         "split": dataset.split,
         "train_on_input": dataset.train_on_input,
-        "packed": False,
+        "packed": cfg.packed,
         "cache_dir": str(cache_dir),
     }
-    if dataset.column_map:
+    if dataset.kind == "chat":
+        dataset_conf.update(conversation_column=dataset.conversation_column,
+                            conversation_style=dataset.conversation_style)
+    elif dataset.column_map:
         dataset_conf["column_map"] = dict(dataset.column_map)
     if dataset.new_system_prompt:
         dataset_conf["new_system_prompt"] = dataset.new_system_prompt
@@ -249,8 +281,8 @@ def render_config(
         optimizer = {"_component_": "torch.optim.AdamW", "lr": optimizer.get("lr", 2e-5)}
         if choice.device == "cuda":
             optimizer["fused"] = True
-    if runtime.learning_rate is not None:
-        optimizer["lr"] = runtime.learning_rate
+    if cfg.learning_rate is not None:
+        optimizer["lr"] = cfg.learning_rate
     conf.update(
         output_dir=str(output_dir),
         model=_model_overrides(runtime, cfg.peft, model_dir, conf.get("model", {})),
@@ -263,7 +295,7 @@ def render_config(
         epochs=cfg.epochs,
         dtype=cfg.dtype.value,
         device=choice.device,
-        seed=conf.get("seed") if conf.get("seed") is not None else 42,
+        seed=cfg.seed,
         resume_from_checkpoint=False,
         metric_logger={
             "_component_": "torchtune.training.metric_logging.DiskLogger",
@@ -274,17 +306,55 @@ def render_config(
     )
     if cfg.peft is not None:
         conf["save_adapter_weights_only"] = False
+    knobs = {
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "compile": cfg.compile,
+        "enable_activation_checkpointing": cfg.activation_checkpointing,
+        "max_steps_per_epoch": cfg.max_steps_per_epoch,
+    }
+    conf.update({k: v for k, v in knobs.items() if v is not None})
+    if (conf.get("gradient_accumulation_steps") or 1) > 1:
+        conf["optimizer_in_bwd"] = False  # torchtune refuses it with gradient accumulation
     if choice.device == "cpu":
         conf.update(
             optimizer_in_bwd=False,
-            compile=False,
-            enable_activation_checkpointing=False,
             enable_activation_offloading=False,
             log_peak_memory_stats=False,
         )
+        if cfg.compile is None:
+            conf["compile"] = False
+        if cfg.activation_checkpointing is None:
+            conf["enable_activation_checkpointing"] = False
         if "profiler" in conf:
             conf["profiler"] = {**conf["profiler"], "enabled": False, "cuda": False}
-    return choice, conf
+    else:
+        conf["log_peak_memory_stats"] = True
+    return choice, apply_overrides(conf, cfg.overrides)
+
+
+def apply_overrides(conf: dict[str, Any], overrides: tuple[str, ...]) -> dict[str, Any]:
+    """Apply raw ``key=value`` overrides (already checked) on top of the rendered config.
+
+    ``~key`` removes a key, as on torchtune's command line. Values are parsed as YAML.
+    """
+    import yaml
+
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        remove = key.startswith("~")
+        parts = key.lstrip("~").split(".")
+        node = conf
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        if remove:
+            node.pop(parts[-1], None)
+        else:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return conf
 
 
 def config_fingerprint(conf: dict[str, Any]) -> str:

@@ -263,6 +263,17 @@ class TorchTuneConfig:
         dataset_preprocess_config: How the dataset is read (``TorchTuneInstructDataset``).
         resources_per_node: ``{"gpu": N}``: GPUs requested per node, and the process count.
             ``{"gpu": 0}`` trains on CPU.
+        learning_rate: Optimizer learning rate. Default: the torchtune config's.
+        gradient_accumulation_steps: Steps whose gradients are summed before an update.
+        max_seq_len: Longest tokenized sample; longer ones are truncated. Needed for packing.
+        packed: Pack several samples into each max_seq_len sequence (faster on GPU).
+        activation_checkpointing: Recompute activations in the backward pass (less memory).
+        compile: ``torch.compile`` the model and loss (faster after a warm-up, GPU only).
+        max_steps_per_epoch: Stop each epoch after this many steps.
+        seed: Random seed (default 42, so runs are reproducible).
+        overrides: Raw torchtune ``key=value`` overrides for everything else, applied last;
+            ``output_dir``, ``tokenizer.path``, ``tokenizer.merges_file`` and
+            ``checkpointer.checkpoint_dir`` are set by the pipeline and refused here.
     """
 
     dtype: DataType | str | None = None
@@ -273,6 +284,15 @@ class TorchTuneConfig:
     peft_config: LoraConfig | None = None
     dataset_preprocess_config: TorchTuneInstructDataset | None = None
     resources_per_node: dict[str, Any] | None = None
+    learning_rate: float | None = None
+    gradient_accumulation_steps: int | None = None
+    max_seq_len: int | None = None
+    packed: bool | None = None
+    activation_checkpointing: bool | None = None
+    compile: bool | None = None
+    max_steps_per_epoch: int | None = None
+    seed: int | None = None
+    overrides: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None:
@@ -304,6 +324,23 @@ class TorchTuneConfig:
             )
         if self.resources_per_node is not None:
             self.resources_per_node = _check_resources(self.resources_per_node)
+        if self.learning_rate is not None and (
+            isinstance(self.learning_rate, bool)
+            or not isinstance(self.learning_rate, (int, float))
+            or not 0 < self.learning_rate < 1
+        ):
+            raise ConfigError(
+                f"learning_rate={self.learning_rate!r} must be a number in (0, 1), e.g. 2e-5."
+            )
+        for name, minimum in (("gradient_accumulation_steps", 1), ("max_seq_len", 16),
+                              ("max_steps_per_epoch", 1), ("seed", 0)):
+            if getattr(self, name) is not None:
+                _check_int(getattr(self, name), name, minimum)
+        for name in ("packed", "activation_checkpointing", "compile"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"{name}={value!r} must be true or false.")
+        self.overrides = check_overrides(self.overrides)
 
     @property
     def gpus(self) -> int | None:
@@ -311,6 +348,56 @@ class TorchTuneConfig:
         if not self.resources_per_node:
             return None
         return self.resources_per_node.get("gpu")
+
+
+# Keys the pipeline sets itself; an override of them (or of a key under them) is refused.
+FIXED_KEYS = (
+    "output_dir",
+    "tokenizer.path",
+    "tokenizer.merges_file",
+    "checkpointer.checkpoint_dir",
+)
+_OVERRIDE_RE = re.compile(r"^~?[A-Za-z_][\w]*(\.[A-Za-z_0-9][\w]*)*=")
+
+
+def check_overrides(overrides: Any) -> list[str] | None:
+    """Validate raw torchtune ``key=value`` overrides.
+
+    Args:
+        overrides: A list of strings (or a comma/newline separated string), or None.
+
+    Returns:
+        The overrides as a list, or None when empty.
+
+    Raises:
+        ConfigError: An item is not ``key=value`` or sets a key the pipeline owns.
+    """
+    if overrides is None or overrides == [] or overrides == "":
+        return None
+    if isinstance(overrides, str):
+        overrides = [p for p in re.split(r"[\n]", overrides) if p.strip()]
+    if not isinstance(overrides, (list, tuple)):
+        raise ConfigError(
+            f"overrides={overrides!r} must be a list of 'key=value' strings, e.g. "
+            "['optimizer.weight_decay=0.01']."
+        )
+    result = []
+    for item in overrides:
+        text = str(item).strip()
+        if not _OVERRIDE_RE.match(text):
+            raise ConfigError(
+                f"override {text!r} is not key=value; write e.g. 'optimizer.weight_decay=0.01'."
+            )
+        key = text.split("=", 1)[0].lstrip("~")
+        for fixed in FIXED_KEYS:
+            if key == fixed or key.startswith(fixed + ".") or fixed.startswith(key + "."):
+                raise ConfigError(
+                    f"override {text!r} sets {fixed!r}, which the pipeline fixes to the "
+                    "workspace layout; remove it (the fixed keys are "
+                    f"{', '.join(FIXED_KEYS)})."
+                )
+        result.append(text)
+    return result
 
 
 def _check_resources(resources: Any) -> dict[str, Any]:

@@ -1,4 +1,14 @@
-"""Parsing of storage URIs: ``hf://org/repo[@revision][/path]``, ``file:///abs`` and ``/abs``."""
+"""Parsing of storage URIs.
+
+Supported forms (checked without touching the network or the disk):
+
+* ``hf://org/repo`` (model) and ``hf://org/repo[/dir-or-file]`` (dataset), with an optional
+  revision: ``hf://org/repo@<branch|tag|commit>[/path]``; a revision that contains ``/``
+  (``refs/pr/1``) is written URL-encoded: ``hf://org/repo@refs%2Fpr%2F1``.
+* ``s3://bucket[/prefix-or-key]`` for AWS S3, MinIO and other S3-compatible stores (endpoint,
+  region and keys come from the environment, filled from a Kubernetes Secret on a cluster).
+* ``file:///absolute/path`` and ``/absolute/path``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Literal
+from urllib.parse import unquote
 
 from kfp_finetune.errors import SourceError
 
@@ -13,7 +24,12 @@ Kind = Literal["dataset", "model"]
 
 _HF_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
-SUPPORTED = "hf://org/repo[/path], file:///absolute/path or /absolute/path"
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
+SUPPORTED = (
+    "hf://org/repo[@revision][/path], s3://bucket[/prefix], file:///absolute/path or "
+    "/absolute/path"
+)
 
 
 @dataclass(frozen=True)
@@ -21,11 +37,13 @@ class StorageUri:
     """A parsed storage URI.
 
     Attributes:
-        scheme: ``"hf"`` or ``"file"``.
-        repo_id: ``org/repo`` for ``hf``; empty for ``file``.
+        scheme: ``"hf"``, ``"s3"`` or ``"file"``.
+        repo_id: ``org/repo`` for ``hf``; empty otherwise.
         revision: Branch, tag or commit for ``hf``; None for the default branch.
-        path: Path inside the repo (``hf``, may be empty) or the absolute local path (``file``).
-        raw: The URI as given.
+        path: Path inside the repo (``hf``, may be empty), the key or prefix inside the bucket
+            (``s3``, may be empty) or the absolute local path (``file``).
+        raw: The URI as given (credential-free: URIs with credentials are refused).
+        bucket: The bucket for ``s3``; empty otherwise.
     """
 
     scheme: str
@@ -33,27 +51,35 @@ class StorageUri:
     revision: str | None
     path: str
     raw: str
+    bucket: str = ""
 
     def describe(self) -> str:
         """A short, credential-free description for logs and metadata."""
         if self.scheme == "hf":
-            rev = f"@{self.revision}" if self.revision else ""
+            rev = f"@{self.revision.replace('/', '%2F')}" if self.revision else ""
             sub = f"/{self.path}" if self.path else ""
             return f"hf://{self.repo_id}{rev}{sub}"
+        if self.scheme == "s3":
+            sub = f"/{self.path}" if self.path else ""
+            return f"s3://{self.bucket}{sub}"
         return f"file://{self.path}"
 
 
-def _redact(uri: str) -> str:
-    # Never echo credentials that a user pasted into a URI (https://user:pass@host).
+def redact_uri(uri: str) -> str:
+    """``uri`` with any ``user:password@`` part replaced by ``***:***@``."""
     return re.sub(r"//[^/@\s]*:[^/@\s]*@", "//***:***@", uri)
+
+
+_redact = redact_uri  # kept for callers of the old private name
 
 
 def _check_segments(segments: list[str], uri: str) -> None:
     for seg in segments:
         if seg in ("..", "."):
             raise SourceError(
-                f"storage_uri={_redact(uri)!r} contains the path segment {seg!r}; paths may not "
-                "walk out of their repository or folder. Remove it and give the path directly."
+                f"storage_uri={redact_uri(uri)!r} contains the path segment {seg!r}; paths may "
+                "not walk out of their repository, bucket or folder. Remove it and give the "
+                "path directly."
             )
 
 
@@ -61,14 +87,16 @@ def parse_storage_uri(uri: str, kind: Kind) -> StorageUri:
     """Parse and check a storage URI without touching the network or disk.
 
     Args:
-        uri: The URI, e.g. ``hf://tatsu-lab/alpaca/data`` or ``/data/my-model``.
+        uri: The URI, e.g. ``hf://tatsu-lab/alpaca/data``, ``s3://bucket/models/llama`` or
+            ``/data/my-model``.
         kind: ``"dataset"`` (a path inside the repo is allowed) or ``"model"``.
 
     Returns:
         The parsed URI.
 
     Raises:
-        SourceError: The URI is empty, malformed or uses an unsupported scheme.
+        SourceError: The URI is empty, malformed, walks out of its root (``..``), embeds
+            credentials or uses an unsupported scheme.
     """
     if not isinstance(uri, str) or not uri.strip():
         raise SourceError(
@@ -77,11 +105,19 @@ def parse_storage_uri(uri: str, kind: Kind) -> StorageUri:
     text = uri.strip()
     if re.search(r"//[^/@\s]*:[^/@\s]*@", text):
         raise SourceError(
-            f"storage_uri={_redact(text)!r} embeds credentials; never put secrets in a URI. "
-            "Store the token in a Kubernetes Secret (HF_TOKEN) and remove it from the URI."
+            f"storage_uri={redact_uri(text)!r} embeds credentials; never put secrets in a URI. "
+            "Store them in a Kubernetes Secret (HF_TOKEN, or AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY for s3://) and remove them from the URI."
+        )
+    if _CONTROL.search(text) or re.search(r"\s", text):
+        raise SourceError(
+            f"storage_uri={text!r} contains whitespace, a backslash or a control character; "
+            f"write a URI such as {SUPPORTED.split(',')[0]}."
         )
     if text.startswith("hf://"):
         return _parse_hf(text, kind)
+    if text.startswith("s3://"):
+        return _parse_s3(text)
     if text.startswith("file://"):
         rest = text[len("file://") :]
         if not rest.startswith("/"):
@@ -92,15 +128,20 @@ def parse_storage_uri(uri: str, kind: Kind) -> StorageUri:
         return _parse_local(rest, text)
     if text.startswith("/"):
         return _parse_local(text, text)
-    scheme = text.split("://", 1)[0] if "://" in text else None
-    if scheme:
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", text)
+    if match:
+        scheme = match.group(1)
+        hint = ""
+        web = re.match(r"^https?://(?:www\.)?huggingface\.co/(datasets/)?([^/]+/[^/?#]+)", text)
+        if web:
+            hint = f" For a Hugging Face repository write hf://{web.group(2)}."
         raise SourceError(
-            f"storage_uri={_redact(text)!r} uses the unsupported scheme {scheme!r}; "
-            f"use one of: {SUPPORTED}."
+            f"storage_uri={redact_uri(text)!r} uses the unsupported scheme {scheme!r}; "
+            f"use one of: {SUPPORTED}.{hint}"
         )
     raise SourceError(
         f"storage_uri={text!r} is neither a URI nor an absolute path; use one of: {SUPPORTED} "
-        f"(for example hf://{text} if it names a Hugging Face repository)."
+        f"(for example hf://{text.lstrip('./~')} if it names a Hugging Face repository)."
     )
 
 
@@ -110,8 +151,29 @@ def _parse_local(path: str, raw: str) -> StorageUri:
     return StorageUri("file", "", None, str(PurePosixPath(path)), raw)
 
 
+def _parse_s3(text: str) -> StorageUri:
+    body = text[len("s3://") :]
+    bucket, _, key = body.partition("/")
+    if not bucket:
+        raise SourceError(
+            f"storage_uri={text!r} names no bucket; write s3://<bucket>/<prefix>, e.g. "
+            "s3://my-bucket/datasets/alpaca."
+        )
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise SourceError(
+            f"storage_uri={text!r}: {bucket!r} is not a valid bucket name (3-63 lowercase "
+            "letters, digits, '.' and '-', starting and ending with a letter or digit)."
+        )
+    key = key.rstrip("/")
+    segments = key.split("/") if key else []
+    if any(not seg for seg in segments):
+        raise SourceError(f"storage_uri={text!r} contains an empty path segment ('//').")
+    _check_segments(segments, text)
+    return StorageUri("s3", "", None, key, text, bucket=bucket)
+
+
 def _parse_hf(text: str, kind: Kind) -> StorageUri:
-    body = text[len("hf://") :].strip("/")
+    body = text[len("hf://") :].rstrip("/")
     segments = body.split("/") if body else []
     if len(segments) < 2 or not segments[0] or not segments[1]:
         raise SourceError(
@@ -122,12 +184,19 @@ def _parse_hf(text: str, kind: Kind) -> StorageUri:
         )
     org, repo = segments[0], segments[1]
     revision = None
+    if "@" in org:
+        raise SourceError(
+            f"storage_uri={text!r}: the revision goes after the repository name, as "
+            "hf://org/repo@<revision>/path."
+        )
     if "@" in repo:
-        repo, revision = repo.split("@", 1)
+        repo, raw_revision = repo.split("@", 1)
+        revision = unquote(raw_revision)
         if not revision or not _REVISION.match(revision) or ".." in revision:
             raise SourceError(
-                f"storage_uri={text!r} has an invalid revision {revision!r}; write "
-                "hf://org/repo@<branch|tag|commit>/path."
+                f"storage_uri={text!r} has an invalid revision {raw_revision!r}; write "
+                "hf://org/repo@<branch|tag|commit>/path (encode '/' in a revision as %2F, e.g. "
+                "@refs%2Fpr%2F1)."
             )
     for name in (org, repo):
         if not _HF_NAME.match(name) or ".." in name:

@@ -75,7 +75,7 @@ class Workspace:
 
     @property
     def checkpoints_dir(self) -> Path:
-        """torchtune's ``output_dir``."""
+        """Torchtune's ``output_dir``."""
         return self.output_dir / "checkpoints"
 
     @property

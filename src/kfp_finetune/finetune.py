@@ -1,0 +1,289 @@
+"""The fine-tune step: render the torchtune config, run ``tune run``, resume after a lost pod.
+
+A GPU hour must never be wasted:
+
+* a re-run of a finished run (same rendered config) does not train again;
+* a retry after a lost pod resumes from the last epoch checkpoint and recipe state on the
+  volume (``resume_from_checkpoint``) instead of starting over;
+* anything else on the volume (a different config, a checkpoint that does not load) is
+  cleared and training starts from the base model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kfp_finetune.dataset_plan import plan_dataset
+from kfp_finetune.errors import TrainingError, WorkspaceError
+from kfp_finetune.model_check import check_model
+from kfp_finetune.runtimes import Runtime, get_runtime
+from kfp_finetune.training_log import read_metric_rows, read_metrics, summarize
+from kfp_finetune.tune_config import (
+    RecipeChoice,
+    ResolvedConfig,
+    config_fingerprint,
+    render_config,
+    resolve,
+)
+from kfp_finetune.types import TorchTuneConfig, TorchTuneInstructDataset
+from kfp_finetune.workspace import MANIFEST, Workspace, read_manifest, write_json_atomic
+
+RUN_FILE = ".kfp-finetune-run.json"  # written when training starts: what is being trained
+CONFIG_FILE = "torchtune_config.yaml"
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    """Result of the fine-tune step.
+
+    Attributes:
+        checkpoint_dir: The final epoch's checkpoint folder.
+        config_path: The full torchtune config that ran.
+        recipe: torchtune recipe.
+        config: torchtune base config.
+        losses: ``(step, loss)`` per logged step.
+        seconds: Wall time of ``tune run`` in this attempt.
+        skipped: True when a finished run was found and nothing was trained.
+        resumed_from_epoch: Epochs already done when this attempt started (0 = fresh start).
+        metrics: final/best loss, steps, trainable tokens/s, peak memory.
+    """
+
+    checkpoint_dir: str
+    config_path: str
+    recipe: str
+    config: str
+    losses: list[tuple[int, float]]
+    seconds: float
+    skipped: bool
+    resumed_from_epoch: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_loss(self) -> float:
+        """Loss of the last logged step (NaN when none was logged)."""
+        return self.losses[-1][1] if self.losses else float("nan")
+
+
+def require_complete(folder: Path, step: str) -> dict[str, Any]:
+    """The completion manifest of ``folder``.
+
+    Raises:
+        WorkspaceError: The step that fills ``folder`` has not finished.
+    """
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise WorkspaceError(
+            f"{str(folder)!r} has no finished {step} output; run the {step} step first (on a "
+            "cluster: check that every task mounts the same workspace volume)."
+        )
+    return manifest
+
+
+def prepare_training(
+    ws: Workspace, runtime: Runtime, resolved: ResolvedConfig, preprocess: TorchTuneInstructDataset
+) -> tuple[RecipeChoice, dict[str, Any]]:
+    """Check the workspace's dataset and model and render the torchtune config."""
+    require_complete(ws.dataset_dir, "dataset-initializer")
+    require_complete(ws.model_dir, "model-initializer")
+    info = check_model(ws.model_dir, runtime)
+    plan = plan_dataset(ws.dataset_dir, preprocess, ws.cache_dir / "datasets")
+    return render_config(
+        runtime,
+        resolved,
+        model_dir=ws.model_dir,
+        model=info,
+        dataset=plan,
+        output_dir=ws.checkpoints_dir,
+        cache_dir=ws.cache_dir / "datasets",
+    )
+
+
+def _epoch_dirs(out: Path) -> list[Path]:
+    return sorted(
+        (p for p in out.glob("epoch_*") if p.is_dir() and p.name[6:].isdigit()),
+        key=lambda p: int(p.name[6:]),
+    )
+
+
+def _checkpoint_complete(epoch_dir: Path) -> bool:
+    """Whether every weight shard that the epoch's index names is on disk."""
+    index = epoch_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError):
+            return False
+        return bool(shards) and all((epoch_dir / s).is_file() for s in shards)
+    return any(epoch_dir.glob("*.safetensors"))
+
+
+def _shards(epoch_dir: Path) -> list[str]:
+    """Weight files of an epoch folder, relative to its parent, in shard order."""
+    index = epoch_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        names = sorted(p.name for p in epoch_dir.glob("*.safetensors")
+                       if not p.name.startswith("adapter"))
+    return [f"{epoch_dir.name}/{name}" for name in names]
+
+
+def resumable_epochs(out: Path) -> int:
+    """Epochs a previous attempt finished and checkpointed with its recipe state, or 0.
+
+    The recipe state must load and the epoch it names must have all its weight shards;
+    otherwise the attempt cannot be resumed and 0 is returned.
+    """
+    state = out / "recipe_state" / "recipe_state.pt"
+    if not state.is_file():
+        return 0
+    try:
+        import torch
+
+        epochs_run = int(torch.load(state, map_location="cpu", weights_only=True)["epochs_run"])
+    except Exception:  # a state cut short by the kill does not load: start over
+        return 0
+    epoch_dir = out / f"epoch_{epochs_run - 1}"
+    return epochs_run if epochs_run > 0 and _checkpoint_complete(epoch_dir) else 0
+
+
+def run_fine_tune(
+    workspace: str | Path,
+    runtime_name: str,
+    config: TorchTuneConfig,
+    log: Any = _print,
+) -> TrainSummary:
+    """Render the torchtune config, run ``tune run`` and stream its log.
+
+    Args:
+        workspace: Workspace root.
+        runtime_name: Runtime name.
+        config: The training config.
+        log: Where progress lines (and torchtune's log) go.
+
+    Returns:
+        Where the checkpoint is, the loss per step and the run's figures.
+    """
+    from omegaconf import OmegaConf
+
+    runtime = get_runtime(runtime_name)
+    resolved = resolve(runtime, config)
+    ws = Workspace.at(workspace)
+    preprocess = config.dataset_preprocess_config or TorchTuneInstructDataset()
+    choice, conf = prepare_training(ws, runtime, resolved, preprocess)
+    fingerprint = config_fingerprint(conf)
+    out = ws.checkpoints_dir
+    config_path = out / CONFIG_FILE
+    done = read_manifest(out)
+    if done is not None and done.get("fingerprint") == fingerprint:
+        log(f"[fine-tune] {out} already holds the finished run of this config; not training again.")
+        return TrainSummary(str(out / done["final_epoch_dir"]), str(config_path), choice.recipe,
+                            choice.config, read_metrics(out / "logs"), 0.0, True,
+                            done.get("resumed_from_epoch", 0), done.get("metrics", {}))
+    started = _read_json(out / RUN_FILE)
+    resume_from = 0
+    if started is not None and started.get("fingerprint") == fingerprint:
+        resume_from = resumable_epochs(out)
+    if resume_from:
+        log(f"[fine-tune] resuming: {resume_from} of {resolved.epochs} epoch(s) are already "
+            f"checkpointed in {out}")
+        conf["resume_from_checkpoint"] = True
+        if resolved.peft is None:
+            # Full fine-tuning resumes from the weights saved in output_dir (torchtune looks
+            # the files up there); LoRA resumes from the base model plus the saved adapter.
+            conf["checkpointer"]["checkpoint_files"] = _shards(out / f"epoch_{resume_from - 1}")
+    else:
+        if out.exists():
+            log(f"[fine-tune] clearing unfinished or different earlier output in {out}")
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        write_json_atomic(out / RUN_FILE, {"fingerprint": fingerprint,
+                                           "resolved": resolved.to_dict()})
+    OmegaConf.save(OmegaConf.create(conf), config_path)
+    cmd = choice.command(config_path)
+    log(f"[fine-tune] recipe {choice.recipe}, base config {choice.config}, "
+        f"{choice.nproc} process(es) on {choice.device}")
+    log(f"[fine-tune] full config: {config_path}")
+    log(f"[fine-tune] $ {' '.join(cmd)}")
+    start = time.monotonic()
+    _stream(cmd, log)
+    seconds = time.monotonic() - start
+    epochs = _epoch_dirs(out)
+    if not epochs or not _checkpoint_complete(epochs[-1]):
+        raise TrainingError(
+            f"torchtune finished but wrote no complete checkpoint under {out}; see the log above."
+        )
+    final = epochs[-1]
+    rows = read_metric_rows(out / "logs")
+    metrics = summarize(rows, choice.nproc)
+    metrics["wall_seconds"] = round(seconds, 3)
+    write_json_atomic(
+        out / MANIFEST,
+        {"fingerprint": fingerprint, "final_epoch_dir": final.name, "recipe": choice.recipe,
+         "config": choice.config, "resolved": resolved.to_dict(), "seconds": round(seconds, 3),
+         "final_loss": metrics["final_loss"], "resumed_from_epoch": resume_from,
+         "metrics": metrics},
+    )
+    log(f"[fine-tune] done in {seconds:.1f} s; checkpoint {final}")
+    return TrainSummary(str(final), str(config_path), choice.recipe, choice.config,
+                        read_metrics(out / "logs"), round(seconds, 3), False, resume_from, metrics)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _tune_executable() -> list[str]:
+    # Run torchtune's CLI with this interpreter, so the same environment is used everywhere.
+    return [sys.executable, "-m", "torchtune._cli.tune"]
+
+
+def _die_with_parent() -> None:
+    # Linux: if this step's process is killed (a lost pod, a fault test), so is `tune run`.
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _stream(cmd: list[str], log: Any) -> None:
+    argv = _tune_executable() + cmd[1:]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    tail: list[str] = []
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1,
+        preexec_fn=_die_with_parent,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            log(line)
+            tail = (tail + [line])[-30:]
+        code = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if code != 0:
+        raise TrainingError(
+            f"`tune run` exited with code {code}; last lines:\n" + "\n".join(tail[-15:])
+        )

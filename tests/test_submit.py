@@ -1,0 +1,143 @@
+"""`kfp-finetune submit` with the real kfp.Client against a recording KFP API on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import yaml
+from kfp_api_server import FakeKfpApi
+
+from kfp_finetune.cli import main
+from kfp_finetune.submit import normalize_cron
+
+RUNTIME = "torchtune-llama3.2-1b"
+PIPELINE = "kfp-finetune-torchtune-llama3-2-1b"
+
+
+@pytest.fixture
+def api(monkeypatch):
+    for var in ("KFP_TOKEN", "KF_PIPELINES_ENDPOINT", "KF_PIPELINES_UI_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    with FakeKfpApi() as server:
+        yield server
+
+
+def submit_args(api, *extra):
+    return ["submit", "--host", api.url, "--runtime", RUNTIME,
+            "--dataset-uri", "hf://tatsu-lab/alpaca/data", *extra]
+
+
+def test_submit_uploads_the_pipeline_and_starts_a_run(api, monkeypatch, capsys):
+    monkeypatch.setenv("KFP_TOKEN", "secret-token-123")
+    tolerations = '[{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]'
+    rc = main(submit_args(
+        api, "--epochs", "2", "--export-name", "my-model", "--push-to", "s3://models/llama",
+        "--delete-workspace", "--pvc-size", "100Gi", "--pvc-access-mode", "ReadWriteMany",
+        "--node-selector", '{"pool": "a100"}', "--tolerations", tolerations,
+        "--cpu-request", "8", "--memory-request", "64Gi", "--run-name", "nightly"))
+    assert rc == 0, capsys.readouterr().err
+    (upload,) = api.find("POST", r"/apis/v2beta1/pipelines/upload")
+    assert upload.query["name"] == PIPELINE
+    spec = next(yaml.safe_load_all(upload.files["uploadfile"]))
+    assert spec["pipelineInfo"]["name"] == PIPELINE
+    (exp,) = api.find("POST", r"/apis/v2beta1/experiments")
+    assert exp.json["display_name"] == "kfp-finetune"
+    (run,) = api.find("POST", r"/apis/v2beta1/runs")
+    body = run.json
+    assert body["display_name"] == "nightly"
+    assert body["experiment_id"] == next(iter(api.state.experiments))
+    (version,) = api.state.versions[body["pipeline_version_reference"]["pipeline_id"]]
+    assert body["pipeline_version_reference"]["pipeline_version_id"] == (
+        version["pipeline_version_id"])
+    params = body["runtime_config"]["parameters"]
+    assert params["epochs"] == 2 and params["export_name"] == "my-model"
+    assert params["push_to"] == "s3://models/llama" and params["delete_workspace"] is True
+    assert params["pvc_size"] == "100Gi" and params["pvc_access_modes"] == ["ReadWriteMany"]
+    assert params["node_selector"] == {"pool": "a100"}
+    assert params["tolerations"] == json.loads(tolerations)
+    assert params["cpu_request"] == "8" and params["memory_request"] == "64Gi"
+    assert set(params) <= set(spec["root"]["inputDefinitions"]["parameters"])
+    # Authentication: the token travels as a bearer header on every call, never as data.
+    assert all(c.headers.get("authorization") == "Bearer secret-token-123" for c in api.calls)
+    assert "secret-token-123" not in json.dumps(body)
+    (run_id,) = api.state.runs
+    assert f"run: {run_id}" in capsys.readouterr().out
+
+
+def test_resubmits_reuse_the_pipeline_and_upload_a_version_only_when_the_yaml_changed(api):
+    assert main(submit_args(api)) == 0
+    (pid,) = api.state.pipelines
+    # The first version is named after the pipeline (KFP's choice); later ones after the
+    # YAML's digest, so the next submit adds that version once and the one after reuses it.
+    assert main(submit_args(api)) == 0
+    assert main(submit_args(api)) == 0
+    assert len(api.find("POST", r"/apis/v2beta1/pipelines/upload")) == 1
+    (version,) = api.find("POST", r"/apis/v2beta1/pipelines/upload_version")
+    assert version.query["pipelineid"] == pid
+    assert version.query["name"].startswith(PIPELINE + "-")
+    runs = [c.json for c in api.find("POST", r"/apis/v2beta1/runs")]
+    assert len(runs) == 3 and len(api.state.experiments) == 1  # found by name, not recreated
+    newest = api.state.versions[pid][0]["pipeline_version_id"]
+    assert [r["pipeline_version_reference"]["pipeline_version_id"] for r in runs[1:]] == [
+        newest, newest]
+
+    api.state.versions[pid][0]["display_name"] = "an-older-yaml"  # the YAML changed since
+    assert main(submit_args(api)) == 0
+    assert len(api.find("POST", r"/apis/v2beta1/pipelines/upload_version")) == 2
+
+
+def test_schedule_creates_a_recurring_run_with_the_cron_expression(api, capsys):
+    assert main(submit_args(api, "--schedule", "0 3 * * *", "--max-concurrency", "1")) == 0
+    assert not api.find("POST", r"/apis/v2beta1/runs")
+    (rr,) = api.find("POST", r"/apis/v2beta1/recurringruns")
+    body = rr.json
+    assert body["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *"  # KFP's 6 fields
+    assert body["mode"] == "ENABLE" and body["no_catchup"] is True
+    assert int(body["max_concurrency"]) == 1
+    assert body["pipeline_version_reference"]["pipeline_id"] in api.state.pipelines
+    assert body["runtime_config"]["parameters"]["dataset_uri"] == "hf://tatsu-lab/alpaca/data"
+    assert "recurring run:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("states", "rc"), [(["RUNNING", "SUCCEEDED"], 0), (["FAILED"], 1)])
+def test_wait_follows_the_run_to_its_end(api, capsys, states, rc):
+    api.state.run_states = list(states)
+    assert main(submit_args(api, "--wait", "--poll-interval", "0.01")) == rc
+    out = capsys.readouterr().out
+    assert states[-1] in out
+    assert len(api.find("GET", r"/apis/v2beta1/runs/[^/]+")) == len(states)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--delete-workspace"], "only copy of the model"),
+    (["--schedule", "every day"], "is not a cron expression"),
+    (["--tolerations", '{"key": "x"}'], "is not a JSON list"),
+    (["--node-selector", '{"pool": 1}'], "must be a string"),
+    (["--memory-request", "64 GB"], "is not a Kubernetes quantity"),
+    (["--push-to", "gs://bucket"], "unsupported destination"),
+    (["--wait", "--schedule", "@daily"], "Drop one"),
+    (["--epochs", "0"], "epochs"),
+])
+def test_bad_options_are_refused_before_any_api_call(api, capsys, extra, message):
+    assert main(submit_args(api, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert api.calls == []
+
+
+def test_an_unreachable_host_is_reported_with_what_to_check(capsys, monkeypatch):
+    monkeypatch.delenv("KFP_TOKEN", raising=False)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again before the call: nothing listens
+    rc = main(["submit", "--host", f"http://127.0.0.1:{port}", "--runtime", RUNTIME,
+               "--dataset-uri", "hf://tatsu-lab/alpaca/data"])
+    assert rc == 2
+    assert "cannot reach the KFP API" in capsys.readouterr().err
+
+
+def test_cron_forms():
+    assert normalize_cron("*/15 * * * *") == "0 */15 * * * *"
+    assert normalize_cron("0 0 3 * * 1-5") == "0 0 3 * * 1-5"
+    assert normalize_cron("@every 12h") == "@every 12h"

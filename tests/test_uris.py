@@ -1,0 +1,63 @@
+"""Storage URI parsing: the accepted forms and what they mean."""
+
+from __future__ import annotations
+
+import pytest
+
+from kfp_finetune.errors import SourceError
+from kfp_finetune.uris import parse_storage_uri
+
+
+@pytest.mark.parametrize(
+    ("uri", "kind", "scheme", "repo", "revision", "path", "bucket"),
+    [
+        ("hf://tatsu-lab/alpaca/data", "dataset", "hf", "tatsu-lab/alpaca", None, "data", ""),
+        ("hf://tatsu-lab/alpaca/data/x.parquet", "dataset", "hf", "tatsu-lab/alpaca", None,
+         "data/x.parquet", ""),
+        ("hf://org/repo@v1.0/data/", "dataset", "hf", "org/repo", "v1.0", "data", ""),
+        ("hf://org/repo@refs%2Fpr%2F1", "model", "hf", "org/repo", "refs/pr/1", "", ""),
+        ("hf://Qwen/Qwen2.5-1.5B", "model", "hf", "Qwen/Qwen2.5-1.5B", None, "", ""),
+        ("s3://my-bucket/datasets/alpaca/", "dataset", "s3", "", None, "datasets/alpaca",
+         "my-bucket"),
+        ("s3://my-bucket", "model", "s3", "", None, "", "my-bucket"),
+        ("file:///data/alpaca", "dataset", "file", "", None, "/data/alpaca", ""),
+        ("/data/model/", "model", "file", "", None, "/data/model", ""),
+    ],
+)
+def test_valid(uri: str, kind: str, scheme: str, repo: str, revision: str | None, path: str,
+               bucket: str) -> None:
+    parsed = parse_storage_uri(uri, kind)  # type: ignore[arg-type]
+    assert (parsed.scheme, parsed.repo_id, parsed.revision, parsed.path, parsed.bucket) == (
+        scheme, repo, revision, path, bucket)
+
+
+def test_describe_round_trips() -> None:
+    for uri in ("hf://org/repo@refs%2Fpr%2F1/data", "s3://b-1/x/y", "file:///a/b"):
+        kind = "dataset"
+        assert parse_storage_uri(parse_storage_uri(uri, kind).describe(), kind).describe() == uri
+
+
+@pytest.mark.parametrize(
+    ("uri", "names"),
+    [
+        ("", "''"),
+        ("hf://org", "'hf://org'"),
+        ("hf://org@v1/repo", "hf://org/repo@<revision>"),
+        ("hf://org/repo//data", "'//'"),
+        ("hf://-org/repo", "'-org'"),
+        ("s3://", "names no bucket"),
+        ("s3://ab/x", "'ab'"),
+        ("s3://bucket//x", "'//'"),
+        ("ftp://host/x", "'ftp'"),
+        ("https://huggingface.co/datasets/tatsu-lab/alpaca", "hf://tatsu-lab/alpaca"),
+        ("file://relative/x", "three slashes"),
+        ("~/data", "'~/data'"),
+        ("/data/a b", "whitespace"),
+        ("s3://user:pass@bucket/x", "***:***@"),
+    ],
+)
+def test_invalid(uri: str, names: str) -> None:
+    with pytest.raises(SourceError) as err:
+        parse_storage_uri(uri, "dataset")
+    assert names in str(err.value)
+    assert "pass@" not in str(err.value)
