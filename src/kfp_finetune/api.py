@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from kfp_finetune.credentials import token_env
 from kfp_finetune.errors import ConfigError
 from kfp_finetune.local import LocalRunResult, run_local
 from kfp_finetune.types import Initializer, TorchTuneConfig
@@ -18,23 +16,6 @@ class BuiltinTrainer:
     """The trainer of a run: torchtune with ``config`` (as in ``kubeflow.trainer``)."""
 
     config: TorchTuneConfig
-
-
-@contextmanager
-def _token_env(token: str | None) -> Iterator[None]:
-    # Locally the token reaches the tasks through the environment only (never a parameter).
-    if not token:
-        yield
-        return
-    old = os.environ.get("HF_TOKEN")
-    os.environ["HF_TOKEN"] = token
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("HF_TOKEN", None)
-        else:
-            os.environ["HF_TOKEN"] = old
 
 
 def train(
@@ -74,7 +55,7 @@ def train(
             "used for both, so pass the same token (or set HF_TOKEN)."
         )
     config = trainer.config if trainer else TorchTuneConfig()
-    with _token_env(next(iter(tokens), None)):
+    with token_env(next(iter(tokens), None)):
         return run_local(
             runtime,
             model.storage_uri if model else "",
@@ -82,4 +63,5 @@ def train(
             config,
             workspace,
             export_name,
+            model_ignore_patterns=list(model.ignore_patterns or []) if model else [],
         )

@@ -116,6 +116,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_secret_help(args: argparse.Namespace) -> int:
+    from kfp_finetune.credentials import hf_secret_command, s3_secret_command
+
+    print("Store credentials as Kubernetes Secrets (never as pipeline parameters). With the")
+    print("values in shell variables (HF_TOKEN, AWS_ACCESS_KEY_ID, ...), run:\n")
+    print(f"  {hf_secret_command(args.hf_secret, args.namespace)}")
+    print(f"  {s3_secret_command(args.s3_secret, args.namespace)}\n")
+    print("and run the pipeline with hf_token_secret / s3_secret naming them (both optional).")
+    return 0
+
+
 def _cmd_fixtures(args: argparse.Namespace) -> int:
     from kfp_finetune.fixtures import make_fixtures
 
@@ -305,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(p)
     _add_submit_options(p)
     p.set_defaults(func=_cmd_submit)
+
+    p = sub.add_parser("secret-help", help="print how to store the HF token / S3 keys as Secrets")
+    p.add_argument("--namespace", help="Kubeflow namespace of your runs")
+    p.add_argument("--hf-secret", default="hf-token", help="Secret name for HF_TOKEN")
+    p.add_argument("--s3-secret", default="s3-credentials", help="Secret name for S3 keys")
+    p.set_defaults(func=_cmd_secret_help)
 
     p = sub.add_parser("fixtures", help="write the tiny test models and dataset")
     p.add_argument("dir", help="folder to write them under")

@@ -16,6 +16,7 @@ from typing import Any
 from kfp_finetune.export import check_export_name, latest_export
 from kfp_finetune.params import training_params
 from kfp_finetune.runtimes import get_runtime
+from kfp_finetune.storage import check_ignore_patterns
 from kfp_finetune.training_log import read_metrics
 from kfp_finetune.tune_config import resolve
 from kfp_finetune.types import Loss, TorchTuneConfig, TorchTuneInstructDataset
@@ -38,6 +39,7 @@ def pipeline_arguments(
     dataset_uri: str,
     config: TorchTuneConfig,
     export_name: str = "",
+    model_ignore_patterns: list[str] | None = None,
 ) -> dict[str, Any]:
     """Validate the inputs and turn them into the pipeline's parameters.
 
@@ -65,6 +67,7 @@ def pipeline_arguments(
         "new_system_prompt": pre.new_system_prompt or "",
         "column_map": dict(pre.column_map or {}),
         **training_params(config),
+        "model_ignore_patterns": list(check_ignore_patterns(model_ignore_patterns)),
         "export_name": export_name,
     }
 
@@ -76,6 +79,7 @@ def run_local(
     config: TorchTuneConfig,
     workspace: str | Path,
     export_name: str = "",
+    model_ignore_patterns: list[str] | None = None,
 ) -> LocalRunResult:
     """Run the whole pipeline locally with ``kfp.local``.
 
@@ -86,6 +90,7 @@ def run_local(
         config: Training config.
         workspace: Local folder that plays the role of the PVC; kept after the run.
         export_name: Folder under ``output/`` for the model ("" for the default).
+        model_ignore_patterns: Glob patterns of model files not to fetch.
 
     Returns:
         Where the fine-tuned model is and the loss per step.
@@ -94,7 +99,9 @@ def run_local(
 
     from kfp_finetune.pipelines.finetune import build_pipeline
 
-    arguments = pipeline_arguments(runtime_name, model_uri, dataset_uri, config, export_name)
+    arguments = pipeline_arguments(
+        runtime_name, model_uri, dataset_uri, config, export_name, model_ignore_patterns
+    )
     ws = Workspace.at(workspace)
     local.init(
         runner=local.SubprocessRunner(use_venv=False),

@@ -430,15 +430,19 @@ class HuggingFaceDatasetInitializer:
         storage_uri: ``hf://org/repo[/dir-or-file]``, ``file:///abs/path`` or ``/abs/path``.
         access_token: Never sent as a pipeline parameter: store it in a Kubernetes Secret
             (``kfp-finetune secret-help``); locally it is read from ``HF_TOKEN``.
+        ignore_patterns: Glob patterns of files not to fetch, e.g. ``["*.md"]``.
     """
 
     storage_uri: str
     access_token: str | None = field(default=None, repr=False)
+    ignore_patterns: list[str] | None = None
 
     def __post_init__(self) -> None:
+        from kfp_finetune.storage import check_ignore_patterns
         from kfp_finetune.uris import parse_storage_uri
 
         parse_storage_uri(self.storage_uri, kind="dataset")
+        self.ignore_patterns = list(check_ignore_patterns(self.ignore_patterns)) or None
 
 
 @dataclass
@@ -447,17 +451,22 @@ class HuggingFaceModelInitializer:
 
     Args:
         storage_uri: ``hf://org/repo``, ``file:///abs/path`` or ``/abs/path``.
-        access_token: Never sent as a pipeline parameter: store it in a Kubernetes Secret;
-            locally it is read from ``HF_TOKEN``.
+        access_token: Never sent as a pipeline parameter: store it in a Kubernetes Secret
+            (``kfp-finetune secret-help``); locally it is read from ``HF_TOKEN``.
+        ignore_patterns: Glob patterns of files not to fetch, e.g. ``["original/*.pth"]``;
+            other weight formats are skipped anyway when the repository has safetensors.
     """
 
     storage_uri: str
     access_token: str | None = field(default=None, repr=False)
+    ignore_patterns: list[str] | None = None
 
     def __post_init__(self) -> None:
+        from kfp_finetune.storage import check_ignore_patterns
         from kfp_finetune.uris import parse_storage_uri
 
         parse_storage_uri(self.storage_uri, kind="model")
+        self.ignore_patterns = list(check_ignore_patterns(self.ignore_patterns)) or None
 
 
 @dataclass
