@@ -18,8 +18,11 @@ result is saved beside the checkpoint, so every value used is visible.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,10 +140,24 @@ def resolve(runtime: Runtime, config: TorchTuneConfig) -> ResolvedConfig:
     return resolved
 
 
-def _available_configs() -> dict[str, str]:
-    from torchtune._recipe_registry import get_all_recipes
+def _torchtune_dir() -> Path:
+    """Find torchtune's package folder without importing it (importing pulls in torch)."""
+    spec = importlib.util.find_spec("torchtune")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("torchtune is not installed; install kfp-finetune with its dependencies.")
+    return Path(next(iter(spec.submodule_search_locations)))
 
-    return {c.name: r.name for r in get_all_recipes() for c in r.configs}
+
+@functools.lru_cache(maxsize=1)
+def _available_configs() -> dict[str, str]:
+    """List torchtune's built-in configs (name -> recipe) from its registry module alone."""
+    path = _torchtune_dir() / "_recipe_registry.py"
+    spec = importlib.util.spec_from_file_location("_kfp_finetune_recipe_registry", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses looks the module up while building classes
+    spec.loader.exec_module(module)
+    return {c.name: r.name for r in module.get_all_recipes() for c in r.configs}
 
 
 def select_recipe(runtime: Runtime, cfg: ResolvedConfig) -> RecipeChoice:
@@ -184,9 +201,7 @@ def select_recipe(runtime: Runtime, cfg: ResolvedConfig) -> RecipeChoice:
 
 def base_config_path(config_name: str) -> Path:
     """Path of a torchtune built-in config YAML."""
-    import torchtune
-
-    return Path(torchtune.__file__).parent.parent / "recipes" / "configs" / f"{config_name}.yaml"
+    return _torchtune_dir().parent / "recipes" / "configs" / f"{config_name}.yaml"
 
 
 def _model_overrides(
