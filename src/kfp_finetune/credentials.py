@@ -51,6 +51,9 @@ _PATTERNS = (
     (re.compile(r"(?i)(x-amz-signature=|signature=|x-amz-security-token=)[^&\s'\"]+"), r"\1***"),
     (re.compile(r"(?i)(credential=)[^&\s'\"/]+"), r"\1***"),
     (re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{12,}\b"), "***"),
+    # Credentials embedded in a URI: scheme://user:password@host, scheme://key@host.
+    (re.compile(r"//[^/@\s'\"]*:[^/@\s'\"]*@"), "//***:***@"),
+    (re.compile(r"(?<!hf:)//[^/@\s:'\"]+@"), "//***@"),
 )
 
 

@@ -165,6 +165,37 @@ def _first_line(text: str) -> str:
     return line[:300]
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of a chain (``datasets`` wraps the reader's real error)."""
+    seen = {id(exc)}
+    while True:
+        nxt = exc.__cause__ or exc.__context__
+        if nxt is None or id(nxt) in seen:
+            return exc
+        seen.add(id(nxt))
+        exc = nxt
+
+
+def _utf8_error(exc: BaseException) -> BaseException | None:
+    """The exception of ``exc``'s chain that says the text is not UTF-8, or None."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, UnicodeDecodeError) or "invalid utf8" in str(cur).lower():
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _not_utf8(fmt: DataFormat, names: str, exc: BaseException) -> DatasetError:
+    return DatasetError(
+        f"the {fmt.value} files {names} hold text that is not valid UTF-8 "
+        f"({type(exc).__name__}: {_first_line(str(exc))}); re-encode them as UTF-8, e.g. "
+        "`iconv -f latin1 -t utf-8 in.csv > out.csv`, then re-run the dataset step."
+    )
+
+
 def plan_dataset(
     folder: Path, cfg: TorchTuneInstructDataset, cache_dir: Path
 ) -> DatasetPlan:
@@ -198,21 +229,29 @@ def plan_dataset(
             split=cfg.split,
             cache_dir=str(cache_dir),
         )
-    except ValueError as exc:
+    except Exception as exc:  # datasets raises many types for unreadable files
+        cause = _root_cause(exc)
         text = str(exc)
-        if "split" in text.lower() or "corresponds to no data" in text:
+        bad_text = _utf8_error(exc)
+        if bad_text is not None:
+            raise _not_utf8(fmt, _names(folder, files), bad_text) from None
+        if isinstance(exc, ValueError) and "corresponds to no data" in text \
+                and cfg.split.split("[")[0] == "train":
+            raise DatasetError(
+                f"the {fmt.value} files {_names(folder, files)} hold 0 rows (only blank lines "
+                f"or a header), so split={cfg.split!r} selects nothing; check that the data "
+                "files were written completely."
+            ) from None
+        if isinstance(exc, ValueError) and ("split" in text.lower()
+                                            or "corresponds to no data" in text):
             raise DatasetError(
                 f"split={cfg.split!r} selects nothing from the data files ({_first_line(text)}; "
                 "they form one split named 'train'); use e.g. 'train' or 'train[:95%]'."
             ) from None
-        raise DatasetError(
-            f"the {fmt.value} files {_names(folder, files)} could not be read as a dataset "
-            f"({_first_line(text)}); check that source={fmt.value!r} matches the files' format."
-        ) from None
-    except Exception as exc:  # datasets raises many types for unreadable files
+        detail = cause if cause is not exc else exc
         raise DatasetError(
             f"the {fmt.value} files {_names(folder, files)} could not be read "
-            f"({type(exc).__name__}: {_first_line(str(exc))}); check that the files are "
+            f"({type(detail).__name__}: {_first_line(str(detail))}); check that the files are "
             f"valid {fmt.value} and that source={fmt.value!r} is their format."
         ) from None
     columns = list(ds.column_names)
@@ -221,8 +260,19 @@ def plan_dataset(
             f"split={cfg.split!r} selects 0 rows of the dataset; widen the split or check the "
             "data files."
         )
+    try:
+        # JSON readers accept invalid UTF-8 into string columns; it only fails when read.
+        getattr(ds.data, "table", ds.data).validate(full=True)
+        first_row = ds[0]
+    except Exception as exc:  # noqa: BLE001 - pyarrow.ArrowInvalid or UnicodeDecodeError
+        if _utf8_error(exc) is not None:
+            raise _not_utf8(fmt, _names(folder, files), exc) from None
+        raise DatasetError(
+            f"the {fmt.value} files {_names(folder, files)} hold invalid data "
+            f"({type(exc).__name__}: {_first_line(str(exc))}); check the files."
+        ) from None
     kind, builder, conversation_column, conversation_style = _choose(
-        columns, cfg.column_map, ds[0]
+        columns, cfg.column_map, first_row
     )
     return DatasetPlan(
         builder=builder,

@@ -36,9 +36,12 @@ from pathlib import Path
 from typing import Any
 
 from kfp_finetune.errors import ConfigError, ModelError, SourceError, WorkspaceError
+from kfp_finetune.uris import redact_uri
 from kfp_finetune.workspace import (
     MANIFEST,
     Workspace,
+    check_free_space,
+    disk_errors,
     install,
     list_files,
     read_manifest,
@@ -222,6 +225,12 @@ def parse_destination(push_to: str) -> Destination | None:
     text = push_to.strip()
     if not text:
         return None
+    if redact_uri(text) != text:
+        raise ConfigError(
+            f"push_to={redact_uri(text)!r} embeds credentials; never put secrets in a URI. "
+            "Store them in the Kubernetes Secret named by hf_token_secret (HF_TOKEN) or "
+            "s3_secret (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and remove them from push_to."
+        )
     if text.startswith("hf://"):
         repo, _, branch = text[len("hf://"):].rstrip("/").partition("@")
         if _HF_REPO_RE.fullmatch(repo) and (not branch or _NAME_RE.fullmatch(branch)):
@@ -536,7 +545,10 @@ def export_model(
                              sum(f["bytes"] for f in done["files"]), done, True, destinations)
 
     adapter = all((src / f).is_file() for f in ADAPTER_FILES)
-    with staged(ws, f"export-{final.name}") as staging:
+    needed = sum(p.stat().st_size for p in src.rglob("*")
+                 if p.is_file() and p.suffix not in _SKIP_SUFFIXES)
+    check_free_space(ws.output_dir, needed, f"the export of {src.name} to {final.name}")
+    with disk_errors(final, "exporting the model"), staged(ws, f"export-{final.name}") as staging:
         for path in sorted(src.rglob("*")):
             rel = path.relative_to(src)
             if (not path.is_file() or any(p.startswith(".") for p in rel.parts)

@@ -23,8 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from kfp_finetune.dataset_plan import plan_dataset
-from kfp_finetune.errors import TrainingError, WorkspaceError
-from kfp_finetune.model_check import check_model
+from kfp_finetune.errors import (
+    DatasetError,
+    KfpFinetuneError,
+    ModelError,
+    TrainingError,
+    WorkspaceError,
+)
+from kfp_finetune.model_check import check_model, check_safetensors
 from kfp_finetune.runtimes import Runtime, get_runtime
 from kfp_finetune.training_log import read_metric_rows, read_metrics, summarize
 from kfp_finetune.tune_config import (
@@ -35,9 +41,21 @@ from kfp_finetune.tune_config import (
     resolve,
 )
 from kfp_finetune.types import TorchTuneConfig, TorchTuneInstructDataset
-from kfp_finetune.workspace import MANIFEST, Workspace, read_manifest, write_json_atomic
+from kfp_finetune.workspace import (
+    MANIFEST,
+    Workspace,
+    check_free_space,
+    free_bytes,
+    read_manifest,
+    tree_bytes,
+    workspace_lock,
+    write_json_atomic,
+)
 
 RUN_FILE = ".kfp-finetune-run.json"  # written when training starts: what is being trained
+LOCK_FILE = ".kfp-finetune-fine-tune.lock"  # held while a fine-tune step works on the volume
+_SAMPLE_ROWS = 256  # rows tokenized before `tune run` when max_seq_len truncates samples
+_DISK_FULL = ("No space left on device", "Errno 28", "file write failed", "Disk quota exceeded")
 CONFIG_FILE = "torchtune_config.yaml"
 
 
@@ -118,16 +136,28 @@ def _epoch_dirs(out: Path) -> list[Path]:
     )
 
 
+def _whole(path: Path) -> bool:
+    """Whether ``path`` is a complete safetensors file (a write cut by a kill is not)."""
+    try:
+        check_safetensors(path)
+    except (KfpFinetuneError, OSError):
+        return False
+    return True
+
+
 def _checkpoint_complete(epoch_dir: Path) -> bool:
-    """Whether every weight shard that the epoch's index names is on disk."""
+    """Whether every weight shard that the epoch's index names is on disk, whole."""
     index = epoch_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
             shards = set(json.loads(index.read_text())["weight_map"].values())
         except (ValueError, KeyError):
             return False
-        return bool(shards) and all((epoch_dir / s).is_file() for s in shards)
-    return any(epoch_dir.glob("*.safetensors"))
+        return bool(shards) and all(
+            (epoch_dir / s).is_file() and _whole(epoch_dir / s) for s in shards
+        )
+    found = list(epoch_dir.glob("*.safetensors"))
+    return bool(found) and all(_whole(p) for p in found)
 
 
 def _shards(epoch_dir: Path) -> list[str]:
@@ -176,13 +206,32 @@ def run_fine_tune(
 
     Returns:
         Where the checkpoint is, the loss per step and the run's figures.
-    """
-    from omegaconf import OmegaConf
 
+    Raises:
+        WorkspaceError: Another fine-tune step works on this workspace (its lock is held), a
+            step's output is missing, or the volume is (or becomes) too full for the
+            checkpoints.
+        DatasetError: ``max_seq_len`` cuts every sampled row before its response.
+        TrainingError: ``tune run`` failed or wrote no complete checkpoint.
+    """
     runtime = get_runtime(runtime_name)
     resolved = resolve(runtime, config)
     ws = Workspace.at(workspace)
     preprocess = config.dataset_preprocess_config or TorchTuneInstructDataset()
+    with workspace_lock(ws.root, "the fine-tune step", LOCK_FILE):
+        return _run_locked(ws, runtime, resolved, preprocess, log)
+
+
+def _run_locked(
+    ws: Workspace,
+    runtime: Runtime,
+    resolved: ResolvedConfig,
+    preprocess: TorchTuneInstructDataset,
+    log: Any,
+) -> TrainSummary:
+    """The fine-tune step while it holds the workspace's fine-tune lock."""
+    from omegaconf import OmegaConf
+
     choice, conf = prepare_training(ws, runtime, resolved, preprocess)
     fingerprint = config_fingerprint(conf)
     out = ws.checkpoints_dir
@@ -212,6 +261,13 @@ def run_fine_tune(
         out.mkdir(parents=True)
         write_json_atomic(out / RUN_FILE, {"fingerprint": fingerprint,
                                            "resolved": resolved.to_dict()})
+    check_samples_fit(conf, log)
+    weights = _weight_bytes(ws, conf)
+    check_free_space(
+        out, weights * (resolved.epochs - resume_from),
+        f"the checkpoints of {resolved.epochs - resume_from} epoch(s) (at least one model-sized "
+        "checkpoint per epoch)",
+    )
     OmegaConf.save(OmegaConf.create(conf), config_path)
     cmd = choice.command(config_path)
     log(f"[fine-tune] recipe {choice.recipe}, base config {choice.config}, "
@@ -219,7 +275,13 @@ def run_fine_tune(
     log(f"[fine-tune] full config: {config_path}")
     log(f"[fine-tune] $ {' '.join(cmd)}")
     start = time.monotonic()
-    _stream(cmd, log)
+    try:
+        _stream(cmd, log)
+    except TrainingError as exc:
+        full = _disk_full(str(exc), out, weights)
+        if full is not None:
+            raise full from None
+        raise
     seconds = time.monotonic() - start
     epochs = _epoch_dirs(out)
     if not epochs or not _checkpoint_complete(epochs[-1]):
@@ -240,6 +302,86 @@ def run_fine_tune(
     log(f"[fine-tune] done in {seconds:.1f} s; checkpoint {final}")
     return TrainSummary(str(final), str(config_path), choice.recipe, choice.config,
                         read_metrics(out / "logs"), round(seconds, 3), False, resume_from, metrics)
+
+
+def _weight_bytes(ws: Workspace, conf: dict[str, Any]) -> int:
+    """Size of the base model's weight files (one checkpoint is at least this big)."""
+    files = conf.get("checkpointer", {}).get("checkpoint_files") or []
+    return sum(tree_bytes(ws.model_dir / str(f)) for f in files)
+
+
+def _disk_full(text: str, out: Path, weights: int) -> WorkspaceError | None:
+    """A WorkspaceError when `tune run` failed because the volume filled up, else None."""
+    try:
+        available = free_bytes(out)
+    except OSError:
+        available = -1
+    if not any(marker in text for marker in _DISK_FULL) and not 0 <= available < max(weights, 1):
+        return None
+    return WorkspaceError(
+        f"the workspace volume filled up while torchtune wrote checkpoints to {str(out)!r} "
+        f"({available} bytes available; each checkpoint needs about {weights} bytes, plus the "
+        "optimizer state). Make the volume larger (pipeline parameter pvc_size; locally: "
+        "another --workspace) or lower epochs, then re-run: the unfinished run is not marked "
+        "complete and resumes or starts over."
+    )
+
+
+def check_samples_fit(conf: dict[str, Any], log: Any = _print) -> None:
+    """Tokenize the first rows as torchtune will, and refuse data that would teach nothing.
+
+    Only when ``max_seq_len`` truncates samples: a row whose prompt alone is longer than
+    ``max_seq_len`` (with ``train_on_input=False``) keeps no token in the loss. When every
+    sampled row is like that, training would run on nothing (the loss is NaN), so the step
+    stops here, before ``tune run``; when some are, it says how many.
+
+    Args:
+        conf: The rendered torchtune config.
+        log: Where the warning line goes.
+
+    Raises:
+        DatasetError: Every sampled row is cut before its response, or torchtune cannot build
+            the dataset from the config.
+        ModelError: torchtune cannot load the model's tokenizer.
+    """
+    max_seq_len = (conf.get("tokenizer") or {}).get("max_seq_len")
+    if not max_seq_len or not isinstance(conf.get("dataset"), dict):
+        return
+    from omegaconf import OmegaConf
+    from torchtune import config as tt_config
+
+    cfg = OmegaConf.create(conf)
+    dataset_cfg = OmegaConf.merge(cfg.dataset, {"packed": False})
+    try:
+        tokenizer = tt_config.instantiate(cfg.tokenizer)
+    except Exception as exc:  # noqa: BLE001 - torchtune raises many types; reported below
+        raise ModelError(
+            f"torchtune could not load the tokenizer of the model folder "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}); "
+            "re-run the model step, or check that the model's tokenizer files are complete."
+        ) from None
+    try:
+        dataset = tt_config.instantiate(dataset_cfg, tokenizer)
+        rows = min(len(dataset), _SAMPLE_ROWS)
+        empty = [i for i in range(rows)
+                 if all(label == -100 for label in list(dataset[i]["labels"])[1:])]
+    except KfpFinetuneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torchtune raises many types; reported below
+        raise DatasetError(
+            f"torchtune could not build the dataset from the rendered config "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}); "
+            "check the dataset step's output and column_map."
+        ) from None
+    if rows and len(empty) == rows:
+        raise DatasetError(
+            f"max_seq_len={max_seq_len} cuts every one of the first {rows} rows before its "
+            "response begins, so no token would count in the loss (the loss would be NaN). "
+            "Raise max_seq_len, set train_on_input=True, or shorten the prompts."
+        )
+    if empty:
+        log(f"[fine-tune] warning: max_seq_len={max_seq_len} cuts {len(empty)} of the first "
+            f"{rows} rows before their response (rows {empty[:5]}); they teach nothing.")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -21,7 +21,7 @@ from kfp_finetune.training_log import read_metrics
 from kfp_finetune.tune_config import resolve
 from kfp_finetune.types import Loss, TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.uris import parse_storage_uri
-from kfp_finetune.workspace import Workspace
+from kfp_finetune.workspace import Workspace, workspace_lock
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,9 @@ def run_local(
 
     Returns:
         Where the fine-tuned model is and the loss per step.
+
+    Raises:
+        WorkspaceError: Another run holds the workspace's lock.
     """
     from kfp import local
 
@@ -103,13 +106,14 @@ def run_local(
         runtime_name, model_uri, dataset_uri, config, export_name, model_ignore_patterns
     )
     ws = Workspace.at(workspace)
-    local.init(
-        runner=local.SubprocessRunner(use_venv=False),
-        pipeline_root=str(ws.root / ".kfp-local-outputs"),
-        workspace_root=tempfile.mkdtemp(prefix="kfp-local-scratch-"),
-        raise_on_error=True,
-    )
-    pipeline = build_pipeline(runtime_name, local_workspace=str(ws.root))
-    pipeline(**arguments)
-    model_dir = latest_export(ws, export_name)
+    with workspace_lock(ws.root, "kfp-finetune run --local"):
+        local.init(
+            runner=local.SubprocessRunner(use_venv=False),
+            pipeline_root=str(ws.root / ".kfp-local-outputs"),
+            workspace_root=tempfile.mkdtemp(prefix="kfp-local-scratch-"),
+            raise_on_error=True,
+        )
+        pipeline = build_pipeline(runtime_name, local_workspace=str(ws.root))
+        pipeline(**arguments)
+        model_dir = latest_export(ws, export_name)
     return LocalRunResult(ws.root, model_dir, read_metrics(ws.checkpoints_dir / "logs"))

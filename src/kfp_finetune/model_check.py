@@ -101,6 +101,64 @@ def read_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
+_MAX_HEADER = 100 * 2**20  # the safetensors format's own limit on the JSON header
+
+
+def check_safetensors(path: Path) -> int:
+    """Check that ``path`` is a whole safetensors file (header and every tensor's bytes).
+
+    Reads only the header, so it costs milliseconds even for large shards.
+
+    Args:
+        path: The weight file.
+
+    Returns:
+        The number of tensors in it.
+
+    Raises:
+        ModelError: The file is empty, cut short, or not safetensors; the message names the
+            file and says how to fix it.
+    """
+    import struct
+
+    fix = ("re-upload or re-convert the checkpoint at the source (e.g. with transformers' "
+           "save_pretrained(safe_serialization=True)), then re-run the model step")
+    size = path.stat().st_size
+    problem = None
+    header: Any = None
+    if size < 8:
+        problem = f"it has {size} bytes, too few for a safetensors header"
+    else:
+        with path.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > min(_MAX_HEADER, size - 8):
+                problem = f"its header claims {length} bytes but the file has {size}"
+            else:
+                try:
+                    header = json.loads(handle.read(length))
+                except (ValueError, UnicodeDecodeError):
+                    problem = "its header is not valid safetensors JSON"
+    if problem is None:
+        if not isinstance(header, dict):
+            problem = "its header is not a JSON object"
+        else:
+            tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+            try:
+                end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+            except (TypeError, KeyError, IndexError, ValueError):
+                end, problem = 0, "a tensor entry has no valid data_offsets"
+            data = size - 8 - length
+            if problem is None and end != data:
+                problem = (f"its tensors need {end} bytes of data but the file holds {data} "
+                           "(cut short or padded)")
+            if problem is None:
+                return len(tensors)
+    raise ModelError(
+        f"the weight file {str(path)!r} is not a valid safetensors file: {problem}. The "
+        f"checkpoint is corrupt or was cut short; {fix}."
+    )
+
+
 def check_model_files(names: list[str], runtime: Runtime, where: str = "the model") -> None:
     """Check a file listing (before download): config, weights and tokenizer files present.
 
@@ -150,6 +208,9 @@ def check_model(folder: Path, runtime: Runtime) -> ModelInfo:
             f"the model folder {str(folder)!r} has no *.safetensors weights; torchtune's "
             "Hugging Face checkpointer needs them."
         )
+    for name in weights:
+        if name.endswith(".safetensors"):
+            check_safetensors(folder / name)
     missing = [f for f in runtime.tokenizer.files() if not (folder / f).is_file()]
     if missing:
         raise ModelError(

@@ -28,6 +28,7 @@ from typing import Any, Protocol, TypeVar
 from kfp_finetune.credentials import redact
 from kfp_finetune.errors import DatasetError, KfpFinetuneError, ModelError, SourceError
 from kfp_finetune.uris import StorageUri
+from kfp_finetune.workspace import check_free_space, disk_errors
 
 Log = Callable[[str], None]
 T = TypeVar("T")
@@ -348,6 +349,12 @@ def fetch(
     listing = with_retry(backend.listing, f"listing {uri.describe()}", policy, log)
     chosen = select_files(uri, listing, opts)
     _prune(dest, {f.path for f in chosen})
+    # Pre-flight: the listed sizes of what is still missing must fit on the volume.
+    missing = sum(
+        f.size for f in chosen
+        if f.size is not None and _size(dest / f.path) != f.size
+    )
+    check_free_space(dest, missing, f"the {opts.kind} {uri.describe()}")
 
     downloaded: list[RemoteFile] = []
 
@@ -361,14 +368,15 @@ def fetch(
             log(f"  {item.path} ({_size(dest / item.path)} bytes)")
 
     first = [f for f in chosen if f.path == "config.json"] if opts.check_config else []
-    for item in first:
-        one(item)
-        assert opts.check_config is not None
-        opts.check_config(dest / item.path)
-    if opts.check_files is not None:
-        opts.check_files([f.path for f in chosen])
-    rest = [f for f in chosen if f not in first]
-    _parallel(one, rest, opts.workers)
+    with disk_errors(dest, f"fetching the {opts.kind} {uri.describe()}"):
+        for item in first:
+            one(item)
+            assert opts.check_config is not None
+            opts.check_config(dest / item.path)
+        if opts.check_files is not None:
+            opts.check_files([f.path for f in chosen])
+        rest = [f for f in chosen if f not in first]
+        _parallel(one, rest, opts.workers)
 
     files = []
     for item in chosen:
@@ -477,6 +485,10 @@ class LocalBackend:
         target = dest / item.path
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.part")
-        shutil.copy2(item.ref, tmp)
-        os.replace(tmp, target)
+        try:
+            shutil.copy2(item.ref, tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a cut copy never stays behind (e.g. disk full)
+            raise
         return True

@@ -17,6 +17,7 @@ from kfp_finetune.credentials import DEFAULT_HF_SECRET, hf_secret_command, hf_to
 from kfp_finetune.errors import SourceError
 from kfp_finetune.storage import Listing, Log, RemoteFile, TransientError
 from kfp_finetune.uris import StorageUri
+from kfp_finetune.workspace import disk_error
 
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -104,6 +105,10 @@ class HfBackend:
             if status in _RETRY_STATUS or status is None:
                 return TransientError(f"HTTP {status} from the Hub")
             return SourceError(f"{where!r}: the Hub answered HTTP {status}; {redact(exc)}")
+        if disk_error(exc, ".", where) is not None:
+            # A full or read-only volume is not worth retrying: raised as it is, and
+            # storage.fetch turns it into a WorkspaceError that names the folder.
+            return exc
         if isinstance(exc, (httpx2.TransportError, LocalEntryNotFoundError)):
             return TransientError(f"{type(exc).__name__}: {redact(exc).splitlines()[0]}")
         if isinstance(exc, OSError):

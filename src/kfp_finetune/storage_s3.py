@@ -19,6 +19,7 @@ from kfp_finetune.credentials import DEFAULT_S3_SECRET, redact, s3_secret_comman
 from kfp_finetune.errors import SourceError
 from kfp_finetune.storage import Listing, Log, RemoteFile, TransientError, digest
 from kfp_finetune.uris import StorageUri
+from kfp_finetune.workspace import disk_error
 
 _DENIED = {
     "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "401",
@@ -108,6 +109,10 @@ class S3Backend:
             if code in _TRANSIENT or (isinstance(status, int) and status >= 500):
                 return TransientError(f"S3 error {code or status}")
             return SourceError(f"{where!r}: S3 error {code or status}: {redact(exc)}")
+        if disk_error(exc, ".", where) is not None:
+            # A full or read-only volume is not worth retrying: raised as it is, and
+            # storage.fetch turns it into a WorkspaceError that names the folder.
+            return exc
         if isinstance(exc, OSError):
             return TransientError(f"{type(exc).__name__}: {redact(exc)}")
         return exc

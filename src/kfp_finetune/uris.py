@@ -65,9 +65,15 @@ class StorageUri:
         return f"file://{self.path}"
 
 
+# ``user:password@`` in any URI, and ``user@`` (a key or token as user name) outside hf://,
+# where ``@`` only ever follows a repository name (``hf://org/repo@rev``).
+_USERINFO = re.compile(r"//[^/@\s]*:[^/@\s]*@")
+_USER_ONLY = re.compile(r"(?<!hf:)//[^/@\s:]+@")
+
+
 def redact_uri(uri: str) -> str:
-    """``uri`` with any ``user:password@`` part replaced by ``***:***@``."""
-    return re.sub(r"//[^/@\s]*:[^/@\s]*@", "//***:***@", uri)
+    """``uri`` with any ``user:password@`` part replaced by ``***:***@`` (``user@``: ``***@``)."""
+    return _USER_ONLY.sub("//***@", _USERINFO.sub("//***:***@", uri))
 
 
 _redact = redact_uri  # kept for callers of the old private name
@@ -103,7 +109,7 @@ def parse_storage_uri(uri: str, kind: Kind) -> StorageUri:
             f"The {kind} storage_uri is empty ({uri!r}); give one of: {SUPPORTED}."
         )
     text = uri.strip()
-    if re.search(r"//[^/@\s]*:[^/@\s]*@", text):
+    if _USERINFO.search(text) or _USER_ONLY.search(text):
         raise SourceError(
             f"storage_uri={redact_uri(text)!r} embeds credentials; never put secrets in a URI. "
             "Store them in a Kubernetes Secret (HF_TOKEN, or AWS_ACCESS_KEY_ID and "
