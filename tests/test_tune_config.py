@@ -96,7 +96,7 @@ def test_tiny_runtime_builds_from_config_json_on_cpu():
                              "checkpoint_dir": str(MODEL)}
     assert choice.device == "cpu" and conf["device"] == "cpu"
     assert conf["dtype"] == "fp32"
-    assert conf["optimizer"] == {"_component_": "torch.optim.AdamW", "lr": 3e-3}
+    assert conf["optimizer"] == {"_component_": "torch.optim.AdamW", "lr": 3e-3, "fused": True}
     assert conf["optimizer_in_bwd"] is False and conf["compile"] is False
     assert conf["metric_logger"]["filename"] == "metrics.txt"
 

@@ -292,10 +292,10 @@ def render_config(
     )
     optimizer = dict(conf.get("optimizer", {}))
     if "bitsandbytes" in str(optimizer.get("_component_", "")) or choice.device == "cpu":
-        # bitsandbytes is not in the trainer image and has no CPU kernels.
-        optimizer = {"_component_": "torch.optim.AdamW", "lr": optimizer.get("lr", 2e-5)}
-        if choice.device == "cuda":
-            optimizer["fused"] = True
+        # bitsandbytes is not in the trainer image and has no CPU kernels; torch's fused
+        # AdamW runs on both CUDA and CPU (torch >= 2.4).
+        optimizer = {"_component_": "torch.optim.AdamW", "lr": optimizer.get("lr", 2e-5),
+                     "fused": True}
     if cfg.learning_rate is not None:
         optimizer["lr"] = cfg.learning_rate
     conf.update(
