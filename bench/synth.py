@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kfp_finetune.fixtures import bytes_to_unicode
+
 MARKER = ".bench-complete"
 
 
@@ -155,20 +157,6 @@ def read_rows(dataset_dir: Path) -> list[dict[str, str]]:
 # ----------------------------------------------------------------------------- tokenizers
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2's byte-to-printable-character table, as byte-level BPE vocabularies use.
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars), strict=True))
-
-
 def _template_texts(rows: list[dict[str, str]]) -> list[str]:
     """The texts a tokenizer sees: the rows as our builder and the anchor's render them."""
     from torchtune.data import AlpacaToMessages, InputOutputToMessages
@@ -235,7 +223,7 @@ def write_qwen2_5_tokenizer(model_dir: Path, rows: list[dict[str, str]], tiny: b
     from torchtune.models.qwen2._tokenizer import PRETOKENIZE_REGEX
     from torchtune.models.qwen2_5._tokenizer import QWEN2_5_SPECIAL_TOKENS
 
-    table = _bytes_to_unicode()
+    table = bytes_to_unicode()
 
     def uni(b: bytes) -> str:
         return "".join(table[x] for x in b)

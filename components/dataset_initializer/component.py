@@ -60,8 +60,8 @@ def dataset_initializer(
     """
     from kfp_finetune.params import config_from_params
     from kfp_finetune.runtimes import get_runtime
-    from kfp_finetune.steps import initialize_dataset
-    from kfp_finetune.workspace import Workspace, read_manifest
+    from kfp_finetune.steps import fetched_revision, initialize_dataset
+    from kfp_finetune.workspace import Workspace
 
     get_runtime(runtime)
     config = config_from_params(
@@ -73,15 +73,10 @@ def dataset_initializer(
         workspace_path, dataset_uri, config.dataset_preprocess_config,
         ignore_patterns=list(ignore_patterns or []),
     )
-    manifest = read_manifest(Workspace.at(workspace_path).dataset_dir) or {}
-    revision = str(manifest.get("revision") or manifest.get("version") or "")
+    revision = fetched_revision(Workspace.at(workspace_path).dataset_dir)
     fetched = result.fetch
-    metrics.log_metric("files", fetched.files)
-    metrics.log_metric("bytes", fetched.bytes)
-    metrics.log_metric("seconds", fetched.seconds)
-    metrics.log_metric("mib_per_s", round(fetched.bytes / 2**20 / fetched.seconds, 2)
-                       if fetched.seconds and not fetched.skipped else 0.0)
-    metrics.log_metric("skipped", int(fetched.skipped))
+    for key, value in fetched.ui_metrics().items():
+        metrics.log_metric(key, value)
     metrics.log_metric("rows", result.plan.rows)
     metrics.log_metric("columns", len(result.plan.columns))
     metrics.metadata["source"] = fetched.source

@@ -94,8 +94,8 @@ def model_initializer(
         skipped: True when a complete copy was already in the workspace.
     """
     from kfp_finetune.params import config_from_params
-    from kfp_finetune.steps import initialize_model
-    from kfp_finetune.workspace import Workspace, read_manifest
+    from kfp_finetune.steps import fetched_revision, initialize_model
+    from kfp_finetune.workspace import Workspace
 
     config = config_from_params(
         dtype=dtype, batch_size=batch_size, epochs=epochs, loss=loss, num_nodes=num_nodes,
@@ -112,15 +112,10 @@ def model_initializer(
     result = initialize_model(
         workspace_path, model_uri, runtime, config, ignore_patterns=list(ignore_patterns or [])
     )
-    manifest = read_manifest(Workspace.at(workspace_path).model_dir) or {}
-    revision = str(manifest.get("revision") or manifest.get("version") or "")
+    revision = fetched_revision(Workspace.at(workspace_path).model_dir)
     fetched = result.fetch
-    metrics.log_metric("files", fetched.files)
-    metrics.log_metric("bytes", fetched.bytes)
-    metrics.log_metric("seconds", fetched.seconds)
-    metrics.log_metric("mib_per_s", round(fetched.bytes / 2**20 / fetched.seconds, 2)
-                       if fetched.seconds and not fetched.skipped else 0.0)
-    metrics.log_metric("skipped", int(fetched.skipped))
+    for key, value in fetched.ui_metrics().items():
+        metrics.log_metric(key, value)
     metrics.log_metric("weight_files", len(result.info.checkpoint_files))
     metrics.metadata["source"] = fetched.source
     metrics.metadata["revision"] = revision

@@ -45,6 +45,7 @@ from kfp_finetune.workspace import (
     install,
     list_files,
     read_manifest,
+    require_complete,
     staged,
 )
 
@@ -136,7 +137,7 @@ def run_tag(run_id: str) -> str:
 
 
 def _base_name(ws: Workspace) -> str:
-    base = _require(ws.model_dir, "model-initializer")
+    base = require_complete(ws.model_dir, "model-initializer")
     source = str(base["source"]).split("@")[0].rstrip("/")
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", source.split("/")[-1]).strip("-.") or "model"
     return name[:80]
@@ -184,16 +185,6 @@ def latest_export(ws: Workspace, name: str = "") -> Path:
         f"no finished export{f' named {name!r}' if name else ''} in {str(ws.output_dir)!r}; "
         "run the export step first."
     )
-
-
-def _require(folder: Path, step: str) -> dict[str, Any]:
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise WorkspaceError(
-            f"{str(folder)!r} has no finished {step} output; run the {step} step first (on a "
-            "cluster: check that every task mounts the same workspace volume)."
-        )
-    return manifest
 
 
 # --------------------------------------------------------------------------- destinations
@@ -524,9 +515,9 @@ def export_model(
     check_destination(push_to)  # before any copying: a bad destination fails fast
     run_id = run_id.strip() or new_run_id()
     ws = Workspace.at(workspace)
-    trained = _require(ws.checkpoints_dir, "fine-tune")
-    base = _require(ws.model_dir, "model-initializer")
-    dataset = _require(ws.dataset_dir, "dataset-initializer")
+    trained = require_complete(ws.checkpoints_dir, "fine-tune")
+    base = require_complete(ws.model_dir, "model-initializer")
+    dataset = require_complete(ws.dataset_dir, "dataset-initializer")
     final = export_path(ws, name, run_id)
     src = ws.checkpoints_dir / trained["final_epoch_dir"]
 

@@ -47,6 +47,7 @@ from kfp_finetune.workspace import (
     check_free_space,
     free_bytes,
     read_manifest,
+    require_complete,
     tree_bytes,
     workspace_lock,
     write_json_atomic,
@@ -93,21 +94,6 @@ class TrainSummary:
     def final_loss(self) -> float:
         """Loss of the last logged step (NaN when none was logged)."""
         return self.losses[-1][1] if self.losses else float("nan")
-
-
-def require_complete(folder: Path, step: str) -> dict[str, Any]:
-    """The completion manifest of ``folder``.
-
-    Raises:
-        WorkspaceError: The step that fills ``folder`` has not finished.
-    """
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise WorkspaceError(
-            f"{str(folder)!r} has no finished {step} output; run the {step} step first (on a "
-            "cluster: check that every task mounts the same workspace volume)."
-        )
-    return manifest
 
 
 def prepare_training(

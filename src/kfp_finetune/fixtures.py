@@ -32,7 +32,8 @@ TINY_SHAPE = {
 _MARKER = ".fixture-complete"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
+    """The GPT-2 byte -> printable character table that byte-level BPE vocabularies use."""
     # The GPT-2 byte-to-printable-character table that byte-level BPE vocabularies use.
     printable = (
         list(range(ord("!"), ord("~") + 1))
@@ -57,7 +58,7 @@ def _special_ids(names_by_real_id: dict[str, int]) -> dict[str, int]:
 def _write_hf_tokenizer_json(path: Path, specials: dict[str, int]) -> None:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -250,7 +251,7 @@ def make_tiny_qwen2_5(out: str | Path, seed: int = 0) -> Path:
         },
     )
     _write_json(out / "generation_config.json", {"bos_token_id": eot, "eos_token_id": im_end})
-    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
     _write_json(out / "vocab.json", vocab)
     (out / "merges.txt").write_text("#version: 0.2\n")
     _write_hf_tokenizer_json(out / "tokenizer.json", specials)

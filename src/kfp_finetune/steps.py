@@ -65,6 +65,18 @@ class FetchSummary:
     seconds: float
     skipped: bool
 
+    def ui_metrics(self) -> dict[str, float]:
+        """Figures for the KFP UI's Metrics view."""
+        rate = self.bytes / 2**20 / self.seconds if self.seconds and not self.skipped else 0.0
+        return {"files": self.files, "bytes": self.bytes, "seconds": self.seconds,
+                "mib_per_s": round(rate, 2), "skipped": int(self.skipped)}
+
+
+def fetched_revision(folder: Path) -> str:
+    """The commit or version recorded in ``folder``'s manifest ("" when none)."""
+    manifest = read_manifest(folder) or {}
+    return str(manifest.get("revision") or manifest.get("version") or "")
+
 
 def _initialize(
     ws: Workspace,

@@ -114,6 +114,21 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
         return None
 
 
+def require_complete(folder: Path, step: str) -> dict[str, Any]:
+    """The completion manifest of ``folder``.
+
+    Raises:
+        WorkspaceError: The step that fills ``folder`` has not finished.
+    """
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise WorkspaceError(
+            f"{str(folder)!r} has no finished {step} output; run the {step} step first (on a "
+            "cluster: check that every task mounts the same workspace volume)."
+        )
+    return manifest
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON so that readers see either the old file or the whole new one.
 
