@@ -30,17 +30,17 @@ from kfp_finetune.components.dataset_initializer import dataset_initializer
 from kfp_finetune.components.export_model import export_model
 from kfp_finetune.components.fine_tune import fine_tune
 from kfp_finetune.components.model_initializer import model_initializer
+from kfp_finetune.credentials import (
+    DEFAULT_HF_SECRET,
+    DEFAULT_S3_SECRET,
+    HF_TOKEN_ENV,
+    S3_SECRET_KEYS,
+)
 from kfp_finetune.runtimes import Runtime, get_runtime
 from kfp_finetune.types import Loss
 from kfp_finetune.workspace import WORKSPACE_MOUNT
 
 DEFAULT_DATASET_URI = "hf://tatsu-lab/alpaca/data"
-HF_TOKEN_SECRET = "hf-token"
-HF_TOKEN_KEY = "HF_TOKEN"
-# The same Secret keys as kfp_finetune.credentials (S3 or MinIO); each key is optional.
-S3_SECRET = "s3-credentials"
-S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                  "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 GPU_RESOURCE = "nvidia.com/gpu"
 # GPU node pools are commonly tainted with the GPU resource name; tolerating it is harmless
 # where they are not (a GPU limit alone adds no toleration). Added as a fixed toleration on the
@@ -135,10 +135,10 @@ def build_pipeline(runtime_name: str, local_workspace: str | None = None) -> Cal
         overrides: list = [],
         model_ignore_patterns: list = [],
         export_name: str = "",
-        hf_token_secret: str = HF_TOKEN_SECRET,
+        hf_token_secret: str = DEFAULT_HF_SECRET,
         push_to: str = "",
         copy_to_artifact: bool = False,
-        s3_secret: str = S3_SECRET,
+        s3_secret: str = DEFAULT_S3_SECRET,
         pvc_size: str = rt.pvc_size,
         pvc_storage_class: str = "standard",
         pvc_access_modes: list = ["ReadWriteOnce"],
@@ -310,7 +310,7 @@ def _apply_cluster_settings(
     for task in (data, model, export):
         kubernetes.use_secret_as_env(
             task, secret_name=p.hf_token_secret,
-            secret_key_to_env={HF_TOKEN_KEY: HF_TOKEN_KEY}, optional=True,
+            secret_key_to_env={HF_TOKEN_ENV: HF_TOKEN_ENV}, optional=True,
         )
         kubernetes.use_secret_as_env(
             task, secret_name=p.s3_secret,

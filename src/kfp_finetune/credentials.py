@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from kfp_finetune.errors import ConfigError
+from kfp_finetune.uris import redact_uri
 
 HF_TOKEN_ENV = "HF_TOKEN"
 DEFAULT_HF_SECRET = "hf-token"
@@ -51,9 +52,6 @@ _PATTERNS = (
     (re.compile(r"(?i)(x-amz-signature=|signature=|x-amz-security-token=)[^&\s'\"]+"), r"\1***"),
     (re.compile(r"(?i)(credential=)[^&\s'\"/]+"), r"\1***"),
     (re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{12,}\b"), "***"),
-    # Credentials embedded in a URI: scheme://user:password@host, scheme://key@host.
-    (re.compile(r"//[^/@\s'\"]*:[^/@\s'\"]*@"), "//***:***@"),
-    (re.compile(r"(?<!hf:)//[^/@\s:'\"]+@"), "//***@"),
 )
 
 
@@ -79,7 +77,7 @@ def redact(text: Any, extra: tuple[str, ...] = ()) -> str:
         out = out.replace(value, "***")
     for pattern, repl in _PATTERNS:
         out = pattern.sub(repl, out)
-    return out
+    return redact_uri(out)  # credentials embedded in a URI: scheme://user:password@host
 
 
 def check_secret_name(name: str, parameter: str = "hf_token_secret") -> str:

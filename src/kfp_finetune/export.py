@@ -24,7 +24,6 @@ does nothing.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import struct
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kfp_finetune.credentials import hf_secret_command, hf_token
 from kfp_finetune.errors import ConfigError, ModelError, SourceError, WorkspaceError
 from kfp_finetune.uris import redact_uri
 from kfp_finetune.workspace import (
@@ -252,11 +252,11 @@ def check_destination(push_to: str) -> Destination | None:
         ConfigError: The value is malformed or its credentials are missing.
     """
     dest = parse_destination(push_to)
-    if dest is not None and dest.scheme == "hf" and not os.environ.get("HF_TOKEN"):
+    if dest is not None and dest.scheme == "hf" and not hf_token():
         raise ConfigError(
             f"push_to={dest.raw!r} needs a Hugging Face token with write access: create the "
-            "Secret (`kubectl create secret generic hf-token --from-literal=HF_TOKEN=<token>`) "
-            "and name it in hf_token_secret (locally: export HF_TOKEN)."
+            f"Secret (`{hf_secret_command()}`) and name it in hf_token_secret (locally: "
+            "export HF_TOKEN)."
         )
     return dest
 
@@ -265,7 +265,10 @@ def _push_hf(folder: Path, dest: Destination, run_id: str, log: Log, api: Any = 
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    api = api or HfApi(token=os.environ.get("HF_TOKEN"))
+    if api is None:
+        from kfp_finetune.storage_hf import hf_endpoint  # the same Hub as the initializers
+
+        api = HfApi(endpoint=hf_endpoint(), token=hf_token())
     try:
         api.create_repo(repo_id=dest.target, repo_type="model", private=True, exist_ok=True)
         if dest.prefix:
@@ -289,27 +292,15 @@ def _push_hf(folder: Path, dest: Destination, run_id: str, log: Log, api: Any = 
     return f"hf://{dest.target}@{commit}" if commit else f"hf://{dest.target}"
 
 
-def s3_client() -> Any:
-    """Return a boto3 S3 client configured from the environment (``AWS_*`` variables).
-
-    Raises:
-        ConfigError: boto3 is not installed.
-    """
-    try:
-        import boto3
-    except ImportError:
-        raise ConfigError(
-            "push_to=s3://... needs boto3 in the component image; `pip install boto3`."
-        ) from None
-    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
-
-
 def _push_s3(
     folder: Path, dest: Destination, run_id: str, log: Log, client: Any = None
 ) -> str:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    client = client or s3_client()
+    if client is None:
+        from kfp_finetune.storage_s3 import s3_client  # the same client as the initializers
+
+        client = s3_client()
     prefix = "/".join(p for p in (dest.prefix, folder.name) if p)
     location = f"s3://{dest.target}/{prefix}"
     manifest_key = f"{prefix}/{MANIFEST}"

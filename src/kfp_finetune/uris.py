@@ -67,16 +67,15 @@ class StorageUri:
 
 # ``user:password@`` in any URI, and ``user@`` (a key or token as user name) outside hf://,
 # where ``@`` only ever follows a repository name (``hf://org/repo@rev``).
-_USERINFO = re.compile(r"//[^/@\s]*:[^/@\s]*@")
-_USER_ONLY = re.compile(r"(?<!hf:)//[^/@\s:]+@")
+# Quotes end a match too, so the patterns also work inside free text (repr of a URI).
+_USERINFO = re.compile(r"//[^/@\s'\"]*:[^/@\s'\"]*@")
+_USER_ONLY = re.compile(r"(?<!hf:)//[^/@\s:'\"]+@")
 
 
 def redact_uri(uri: str) -> str:
     """``uri`` with any ``user:password@`` part replaced by ``***:***@`` (``user@``: ``***@``)."""
     return _USER_ONLY.sub("//***@", _USERINFO.sub("//***:***@", uri))
 
-
-_redact = redact_uri  # kept for callers of the old private name
 
 
 def _check_segments(segments: list[str], uri: str) -> None:
