@@ -2,7 +2,7 @@
 
 * **ours**: the workspace is filled by the real initializer steps
   (``steps.initialize_dataset`` / ``steps.initialize_model``) and the config is rendered by
-  ``steps.prepare_training`` -> ``tune_config.render_config``, so whatever defaults the
+  ``finetune.prepare_training`` -> ``tune_config.render_config``, so whatever defaults the
   project currently has (packing, ``max_seq_len``, compile, activation checkpointing, ...)
   are what is measured. Nothing about our defaults is hard-coded here.
 * **anchor**: what Kubeflow Trainer's ``torchtune-<model>`` runtime runs: torchtune's
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kfp_finetune import steps
+from kfp_finetune import finetune, steps
 from kfp_finetune.runtimes import get_runtime
 from kfp_finetune.tune_config import base_config_path, resolve
 from kfp_finetune.types import TorchTuneConfig, TorchTuneInstructDataset
@@ -72,7 +72,7 @@ def ours(ws: Workspace, runtime_name: str, gpus: int | None = None) -> RunConfig
     """Our pipeline's config for this workspace, rendered by the project's own code."""
     runtime = get_runtime(runtime_name)
     resolved = resolve(runtime, _train_config(gpus))
-    choice, conf = steps.prepare_training(ws, runtime, resolved, TorchTuneInstructDataset())
+    choice, conf = finetune.prepare_training(ws, runtime, resolved, TorchTuneInstructDataset())
     return RunConfig("ours", choice.recipe, choice.nproc, conf)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kfp_finetune import steps
+from kfp_finetune import finetune, steps
 from kfp_finetune.errors import ConfigError, WorkspaceError
 from kfp_finetune.export import (
     ADAPTER_DIR,
@@ -39,7 +39,7 @@ def _train(tiny, root: Path, config: TorchTuneConfig) -> Path:
     steps.initialize_dataset(root, str(tiny["alpaca"] / "data"), TorchTuneInstructDataset(),
                              log=quiet)
     steps.initialize_model(root, str(tiny["llama3_2"]), RUNTIME, config, log=quiet)
-    steps.run_fine_tune(root, RUNTIME, config, log=quiet)
+    finetune.run_fine_tune(root, RUNTIME, config, log=quiet)
     return root
 
 

@@ -60,8 +60,7 @@ def dataset_initializer(
     """
     from kfp_finetune.params import config_from_params
     from kfp_finetune.runtimes import get_runtime
-    from kfp_finetune.steps import fetched_revision, initialize_dataset
-    from kfp_finetune.workspace import Workspace
+    from kfp_finetune.steps import initialize_dataset
 
     get_runtime(runtime)
     config = config_from_params(
@@ -73,8 +72,8 @@ def dataset_initializer(
         workspace_path, dataset_uri, config.dataset_preprocess_config,
         ignore_patterns=list(ignore_patterns or []),
     )
-    revision = fetched_revision(Workspace.at(workspace_path).dataset_dir)
     fetched = result.fetch
+    revision = fetched.revision
     for key, value in fetched.ui_metrics().items():
         metrics.log_metric(key, value)
     metrics.log_metric("rows", result.plan.rows)

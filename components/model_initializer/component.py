@@ -94,8 +94,7 @@ def model_initializer(
         skipped: True when a complete copy was already in the workspace.
     """
     from kfp_finetune.params import config_from_params
-    from kfp_finetune.steps import fetched_revision, initialize_model
-    from kfp_finetune.workspace import Workspace
+    from kfp_finetune.steps import initialize_model
 
     config = config_from_params(
         dtype=dtype, batch_size=batch_size, epochs=epochs, loss=loss, num_nodes=num_nodes,
@@ -112,8 +111,8 @@ def model_initializer(
     result = initialize_model(
         workspace_path, model_uri, runtime, config, ignore_patterns=list(ignore_patterns or [])
     )
-    revision = fetched_revision(Workspace.at(workspace_path).model_dir)
     fetched = result.fetch
+    revision = fetched.revision
     for key, value in fetched.ui_metrics().items():
         metrics.log_metric(key, value)
     metrics.log_metric("weight_files", len(result.info.checkpoint_files))

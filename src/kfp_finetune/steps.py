@@ -1,4 +1,6 @@
-"""What each pipeline step does, as plain Python the components call.
+"""The two initializer steps (dataset, model), as plain Python the components call.
+
+The fine-tune step is in ``finetune.py`` and the export step in ``export.py``.
 
 Every step validates its parameters before it touches the network or the workspace, finds its
 own finished work on a re-run and skips it, and never leaves half-written output that looks
@@ -9,20 +11,13 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kfp_finetune.dataset_plan import EXTENSIONS, DatasetPlan, plan_dataset
 from kfp_finetune.errors import WorkspaceError
-from kfp_finetune.export import (  # noqa: F401  (the export step lives in export.py)
-    ExportSummary,
-    check_export_name,
-    export_model,
-    export_path,
-)
 from kfp_finetune.model_check import (
     ModelInfo,
     check_model,
@@ -42,11 +37,7 @@ from kfp_finetune.storage import (
 from kfp_finetune.tune_config import resolve
 from kfp_finetune.types import DataFormat, TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.uris import StorageUri, parse_storage_uri
-from kfp_finetune.workspace import (
-    Workspace,
-    install,
-    read_manifest,
-)
+from kfp_finetune.workspace import Workspace, install, read_manifest, workspace_lock
 
 Log = Callable[[str], None]
 
@@ -64,18 +55,13 @@ class FetchSummary:
     bytes: int
     seconds: float
     skipped: bool
+    revision: str = ""
 
     def ui_metrics(self) -> dict[str, float]:
         """Figures for the KFP UI's Metrics view."""
         rate = self.bytes / 2**20 / self.seconds if self.seconds and not self.skipped else 0.0
         return {"files": self.files, "bytes": self.bytes, "seconds": self.seconds,
                 "mib_per_s": round(rate, 2), "skipped": int(self.skipped)}
-
-
-def fetched_revision(folder: Path) -> str:
-    """The commit or version recorded in ``folder``'s manifest ("" when none)."""
-    manifest = read_manifest(folder) or {}
-    return str(manifest.get("revision") or manifest.get("version") or "")
 
 
 def _initialize(
@@ -109,7 +95,8 @@ def _initialize(
                 f"(revision {manifest.get('revision') or manifest.get('version')}); skipping "
                 "the download.")
             return FetchSummary(
-                uri.describe(), len(files), sum(f["bytes"] for f in files), seconds, True
+                uri.describe(), len(files), sum(f["bytes"] for f in files), seconds, True,
+                str(manifest.get("revision") or manifest.get("version") or ""),
             )
         log(f"[{kind}] {uri.describe()} changed since it was fetched; fetching it again.")
     elif manifest is not None:
@@ -117,9 +104,10 @@ def _initialize(
             f"{uri.describe()}.")
     log(f"[{kind}] fetching {uri.describe()} into {folder}")
     staging_root = ws.root / ".staging"
-    staging_root.mkdir(parents=True, exist_ok=True)
+    locks = staging_root / ".locks"
     staging = staging_root / f"{kind}-{key[:16]}"
-    with _exclusive(staging_root / f"{kind}-{key[:16]}.lock", uri):
+    # One writer per staging folder; the kernel frees the lock even after SIGKILL.
+    with workspace_lock(locks, f"fetching {uri.describe()}", f"{staging.name}.lock"):
         try:
             result = fetch(uri, staging, opts, log=log, retry=policy)
         except BaseException:
@@ -140,14 +128,20 @@ def _initialize(
              "files": result.files, "bytes": total, "seconds": seconds,
              "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         )
+    # Staging folders of earlier sources of this kind are stale, unless a process fetches
+    # into one right now (it holds that folder's lock).
     for stale in staging_root.glob(f"{kind}-*"):
-        if stale.is_dir() and not stale.with_suffix(".lock").exists():
-            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            with workspace_lock(locks, "removing a stale staging folder", f"{stale.name}.lock"):
+                shutil.rmtree(stale, ignore_errors=True)
+        except WorkspaceError:
+            continue
     rate = total / seconds / 2**20 if seconds > 0 else 0.0
     log(f"[{kind}] fetched {len(result.files)} files, {total} bytes in {seconds:.1f} s "
         f"({result.downloaded} transferred now, {rate:.1f} MiB/s)"
         + (f", revision {result.revision}" if result.revision else ""))
-    return FetchSummary(uri.describe(), len(result.files), total, seconds, False)
+    return FetchSummary(uri.describe(), len(result.files), total, seconds, False,
+                        str(result.revision or result.version or ""))
 
 
 def _files_intact(folder: Path, manifest: dict[str, Any]) -> bool:
@@ -158,26 +152,6 @@ def _files_intact(folder: Path, manifest: dict[str, Any]) -> bool:
         )
     except (OSError, KeyError, TypeError):
         return False
-
-
-@contextmanager
-def _exclusive(lock_path: Path, uri: StorageUri) -> Iterator[None]:
-    """Hold an exclusive lock so that two runs never write the same staging folder."""
-    import fcntl
-
-    with open(lock_path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise WorkspaceError(
-                f"another process is fetching {uri.describe()} into this workspace "
-                f"({str(lock_path)!r} is locked); wait for it to finish, then re-run."
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-    lock_path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -289,7 +263,3 @@ def initialize_model(
     log(f"[model] ok for {runtime.name}: {len(info.checkpoint_files)} weight file(s); "
         f"recipe {choice.recipe}, config {choice.config}")
     return ModelSummary(summary, info, choice.recipe, choice.config)
-
-
-# The fine-tune step lives in its own module; re-exported for the component and callers.
-from kfp_finetune.finetune import TrainSummary, prepare_training, run_fine_tune  # noqa: E402,F401

@@ -225,10 +225,6 @@ def _match(path: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatch(path, p) for p in patterns)
 
 
-def _where(uri: StorageUri) -> str:
-    return uri.describe()
-
-
 def select_files(uri: StorageUri, listing: Listing, opts: FetchOptions) -> list[RemoteFile]:
     """The files of ``listing`` that the step needs.
 
@@ -247,7 +243,7 @@ def select_files(uri: StorageUri, listing: Listing, opts: FetchOptions) -> list[
     ]
     if not visible:
         raise SourceError(
-            f"{opts.kind} storage_uri={_where(uri)!r} holds no files; point it at a folder or "
+            f"{opts.kind} storage_uri={uri.describe()!r} holds no files; point it at a folder or "
             "file that has the data."
         )
     if opts.kind == "dataset":
@@ -256,7 +252,7 @@ def select_files(uri: StorageUri, listing: Listing, opts: FetchOptions) -> list[
             found = sorted({PurePosixPath(f.path).suffix or PurePosixPath(f.path).name
                             for f in visible})
             raise DatasetError(
-                f"source={opts.data_format!r} but {_where(uri)!r} has no "
+                f"source={opts.data_format!r} but {uri.describe()!r} has no "
                 f"{'/'.join(opts.extensions)} files (found: {', '.join(found[:10])}); set source "
                 "to the files' format (e.g. source='json' for .jsonl files) or point the URI "
                 "at the data files."
@@ -264,7 +260,7 @@ def select_files(uri: StorageUri, listing: Listing, opts: FetchOptions) -> list[
     else:
         has_safetensors = any(f.path.endswith(".safetensors") for f in visible)
         allow = list(MODEL_ALLOW_PATTERNS)
-        ignore = [p for p in MODEL_IGNORE_PATTERNS]
+        ignore = list(MODEL_IGNORE_PATTERNS)
         if not has_safetensors:
             allow += MODEL_FALLBACK_WEIGHTS
             ignore = [p for p in ignore if p not in MODEL_FALLBACK_WEIGHTS] + NOT_WEIGHTS
@@ -272,7 +268,7 @@ def select_files(uri: StorageUri, listing: Listing, opts: FetchOptions) -> list[
         weights = [f for f in chosen if f.path.endswith((".safetensors", ".bin"))]
         if not weights:
             raise ModelError(
-                f"model storage_uri={_where(uri)!r} has no *.safetensors (or PyTorch *.bin) "
+                f"model storage_uri={uri.describe()!r} has no *.safetensors (or PyTorch *.bin) "
                 "weights; torchtune's Hugging Face checkpointer needs them. Point the URI at a "
                 "Hugging Face transformers checkpoint."
             )
@@ -281,7 +277,7 @@ def select_files(uri: StorageUri, listing: Listing, opts: FetchOptions) -> list[
         if not kept:
             raise SourceError(
                 f"ignore_patterns={list(opts.ignore_patterns)} leave no file of "
-                f"{_where(uri)!r} to fetch; narrow the patterns."
+                f"{uri.describe()!r} to fetch; narrow the patterns."
             )
         chosen = kept
     return sorted(chosen, key=lambda f: f.path)
