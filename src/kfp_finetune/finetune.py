@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from kfp_finetune.errors import (
 )
 from kfp_finetune.model_check import check_model, check_safetensors
 from kfp_finetune.runtimes import Runtime, get_runtime
-from kfp_finetune.training_log import read_metric_rows, read_metrics, summarize
+from kfp_finetune.training_log import losses, read_metric_rows, read_metrics, summarize
 from kfp_finetune.tune_config import (
     RecipeChoice,
     ResolvedConfig,
@@ -131,30 +132,32 @@ def _whole(path: Path) -> bool:
     return True
 
 
-def _checkpoint_complete(epoch_dir: Path) -> bool:
-    """Whether every weight shard that the epoch's index names is on disk, whole."""
+def _shard_names(epoch_dir: Path) -> list[str] | None:
+    """Model weight files of an epoch folder in shard order (from its index when it has one).
+
+    Returns None when the index exists but cannot be read.
+    """
     index = epoch_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
+            return sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError):
-            return False
-        return bool(shards) and all(
-            (epoch_dir / s).is_file() and _whole(epoch_dir / s) for s in shards
-        )
-    found = list(epoch_dir.glob("*.safetensors"))
-    return bool(found) and all(_whole(p) for p in found)
+            return None
+    return sorted(p.name for p in epoch_dir.glob("*.safetensors")
+                  if not p.name.startswith("adapter"))
+
+
+def _checkpoint_complete(epoch_dir: Path) -> bool:
+    """Whether every weight shard of the epoch is on disk, whole."""
+    names = _shard_names(epoch_dir)
+    return bool(names) and all(
+        (epoch_dir / n).is_file() and _whole(epoch_dir / n) for n in names or ()
+    )
 
 
 def _shards(epoch_dir: Path) -> list[str]:
     """Weight files of an epoch folder, relative to its parent, in shard order."""
-    index = epoch_dir / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        names = sorted(p.name for p in epoch_dir.glob("*.safetensors")
-                       if not p.name.startswith("adapter"))
-    return [f"{epoch_dir.name}/{name}" for name in names]
+    return [f"{epoch_dir.name}/{name}" for name in _shard_names(epoch_dir) or ()]
 
 
 def resumable_epochs(out: Path) -> int:
@@ -287,7 +290,7 @@ def _run_locked(
     )
     log(f"[fine-tune] done in {seconds:.1f} s; checkpoint {final}")
     return TrainSummary(str(final), str(config_path), choice.recipe, choice.config,
-                        read_metrics(out / "logs"), round(seconds, 3), False, resume_from, metrics)
+                        losses(rows), round(seconds, 3), False, resume_from, metrics)
 
 
 def _weight_bytes(ws: Workspace, conf: dict[str, Any]) -> int:
@@ -395,7 +398,7 @@ def _die_with_parent() -> None:
 def _stream(cmd: list[str], log: Any) -> None:
     argv = _tune_executable() + cmd[1:]
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    tail: list[str] = []
+    tail: deque[str] = deque(maxlen=15)
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1,
         preexec_fn=_die_with_parent,
@@ -405,7 +408,7 @@ def _stream(cmd: list[str], log: Any) -> None:
         for line in proc.stdout:
             line = line.rstrip("\n")
             log(line)
-            tail = (tail + [line])[-30:]
+            tail.append(line)
         code = proc.wait()
     except BaseException:
         proc.kill()
@@ -413,5 +416,5 @@ def _stream(cmd: list[str], log: Any) -> None:
         raise
     if code != 0:
         raise TrainingError(
-            f"`tune run` exited with code {code}; last lines:\n" + "\n".join(tail[-15:])
+            f"`tune run` exited with code {code}; last lines:\n" + "\n".join(tail)
         )

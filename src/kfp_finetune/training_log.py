@@ -33,9 +33,14 @@ def read_metric_rows(log_dir: Path) -> list[dict[str, float]]:
     return [rows[step] for step in sorted(rows)]
 
 
+def losses(rows: list[dict[str, float]]) -> list[tuple[int, float]]:
+    """``(step, loss)`` of the rows that logged a loss, in their order."""
+    return [(int(r["step"]), r["loss"]) for r in rows if "loss" in r]
+
+
 def read_metrics(log_dir: Path) -> list[tuple[int, float]]:
     """``(step, loss)`` for every logged step, in step order."""
-    return [(int(r["step"]), r["loss"]) for r in read_metric_rows(log_dir) if "loss" in r]
+    return losses(read_metric_rows(log_dir))
 
 
 def summarize(rows: list[dict[str, float]], processes: int) -> dict[str, Any]:
