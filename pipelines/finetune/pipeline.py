@@ -3,7 +3,8 @@
 On a cluster::
 
     create-workspace (PVC) ─┬─> dataset-initializer ─┐
-                            └─> model-initializer  ──┴─> fine-tune (GPU) ─> export
+                            └─> model-initializer  ──┴─> tokenize-dataset (CPU)
+                                                            ─> fine-tune (GPU) ─> export
                                                             [─> delete-workspace, if asked and
                                                                 the model was pushed elsewhere]
 
@@ -30,6 +31,7 @@ from kfp_finetune.components.dataset_initializer import dataset_initializer
 from kfp_finetune.components.export_model import export_model
 from kfp_finetune.components.fine_tune import fine_tune
 from kfp_finetune.components.model_initializer import model_initializer
+from kfp_finetune.components.tokenize_dataset import tokenize_dataset
 from kfp_finetune.credentials import (
     DEFAULT_HF_SECRET,
     DEFAULT_S3_SECRET,
@@ -56,6 +58,8 @@ TINY_FINE_TUNE_TIMEOUT_S = 2 * 3600
 # Requests of the CPU tasks (initializers, export): enough to stream and check files.
 CPU_TASK_CPU_REQUEST = "1"
 CPU_TASK_MEMORY_REQUEST = "4Gi"
+# tokenize-dataset uses every CPU it gets (one process per core).
+TOKENIZE_CPU_REQUEST = "4"
 
 
 @dataclass(frozen=True)
@@ -242,7 +246,10 @@ def build_pipeline(runtime_name: str, local_workspace: str | None = None) -> Cal
         model = model_initializer(model_uri=model_uri, ignore_patterns=model_ignore_patterns,
                                   **tune_args)
         model.set_display_name("model-initializer")
-        train = fine_tune(**tune_args).after(data, model)
+        # Tokenizes (and packs) on CPU what the fine-tune step would tokenize on the GPU node.
+        tokenize = tokenize_dataset(**tune_args).after(data, model)
+        tokenize.set_display_name("tokenize-dataset")
+        train = fine_tune(**tune_args).after(data, model, tokenize)
         train.set_display_name("fine-tune")
         export = export_model(
             runtime=rt.name, workspace_path=workspace, export_name=export_name,
@@ -252,7 +259,7 @@ def build_pipeline(runtime_name: str, local_workspace: str | None = None) -> Cal
         export.set_display_name("export")
         if cluster:
             _apply_cluster_settings(
-                ops, data=data, model=model, train=train, export=export,
+                ops, data=data, model=model, tokenize=tokenize, train=train, export=export,
                 params=ClusterParams(
                     hf_token_secret=hf_token_secret, s3_secret=s3_secret, pvc_size=pvc_size,
                     pvc_storage_class=pvc_storage_class, pvc_access_modes=pvc_access_modes,
@@ -289,6 +296,7 @@ def _apply_cluster_settings(
     *,
     data: dsl.PipelineTask,
     model: dsl.PipelineTask,
+    tokenize: dsl.PipelineTask,
     train: dsl.PipelineTask,
     export: dsl.PipelineTask,
     params: ClusterParams,
@@ -304,7 +312,7 @@ def _apply_cluster_settings(
     pvc.set_display_name("create-workspace")
     # A cached CreatePVC can hand back a PVC that no longer exists.
     pvc.set_caching_options(False)
-    for task in (data, model, train, export):
+    for task in (data, model, tokenize, train, export):
         kubernetes.mount_pvc(task, pvc_name=pvc.outputs["name"], mount_path=WORKSPACE_MOUNT)
         task.set_caching_options(False)  # they write to the per-run volume (or push)
     for task in (data, model, export):
@@ -317,7 +325,8 @@ def _apply_cluster_settings(
             secret_key_to_env={key: key for key in S3_SECRET_KEYS}, optional=True,
         )
         task.set_cpu_request(CPU_TASK_CPU_REQUEST).set_memory_request(CPU_TASK_MEMORY_REQUEST)
-    for task in (data, model):
+    tokenize.set_cpu_request(TOKENIZE_CPU_REQUEST).set_memory_request(CPU_TASK_MEMORY_REQUEST)
+    for task in (data, model, tokenize):
         # Retries are allowed for as long as an attempt may take (Argo's default is 1 h from
         # the first attempt, which would forbid retrying a long download).
         task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0,

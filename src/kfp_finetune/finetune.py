@@ -32,6 +32,7 @@ from kfp_finetune.errors import (
     WorkspaceError,
 )
 from kfp_finetune.model_check import check_model, check_safetensors
+from kfp_finetune.pretokenize import pretokenized_conf
 from kfp_finetune.runtimes import Runtime, get_runtime
 from kfp_finetune.training_log import losses, read_metric_rows, read_metrics, summarize
 from kfp_finetune.tune_config import (
@@ -250,7 +251,13 @@ def _run_locked(
         out.mkdir(parents=True)
         write_json_atomic(out / RUN_FILE, {"fingerprint": fingerprint,
                                            "resolved": resolved.to_dict()})
-    check_samples_fit(conf, log)
+    # The fingerprint above is of torchtune's own dataset section: the store holds the very
+    # same tensors, so a run resumes whichever of the two feeds it.
+    pretokenized = pretokenized_conf(ws, conf, log)
+    if pretokenized is None:
+        check_samples_fit(conf, log)
+    else:  # the tokenize step checked every row already
+        conf["dataset"] = pretokenized
     weights = _weight_bytes(ws, conf)
     check_free_space(
         out, weights * (resolved.epochs - resume_from),
