@@ -24,6 +24,7 @@ from kfp_finetune.token_store import IGNORE_INDEX, TOKEN_DTYPE
 
 Log = Callable[[str], None]
 _SHARDS_PER_WORKER = 4  # smaller shards even out the workers' load
+_MAX_SHARD_ROWS = 20_000  # a shard's rows are held as Python lists until written (~200 MB)
 
 
 @dataclass
@@ -75,10 +76,6 @@ def usable_cpus() -> int:
         except (OSError, ValueError):
             continue
     return cpus
-
-
-
-
 
 
 @dataclass
@@ -155,9 +152,20 @@ def _tokenize_shard(task: tuple[int, int, int]) -> tuple[int, TokenizeStats]:
 
 
 def _shards(rows: int, workers: int) -> list[tuple[int, int, int]]:
-    count = max(1, min(rows, workers * _SHARDS_PER_WORKER))
+    wanted = max(workers * _SHARDS_PER_WORKER, math.ceil(rows / _MAX_SHARD_ROWS))
+    count = max(1, min(rows, wanted))
     bounds = np.linspace(0, rows, count + 1).astype(int).tolist()
     return [(i, bounds[i], bounds[i + 1]) for i in range(count)]
+
+
+def _progress(stats: TokenizeStats, shard: TokenizeStats, rows: int, start: float,
+              workers: int, log: Log) -> None:
+    """Add a finished shard; log about every tenth of the rows."""
+    before = stats.rows * 10 // max(rows, 1)
+    stats.add(shard)
+    if stats.rows * 10 // max(rows, 1) > before:
+        rate = stats.rows / max(time.monotonic() - start, 1e-9)
+        log(f"[tokenize] {stats.rows}/{rows} rows ({rate:.0f} rows/s, {workers} worker(s))")
 
 
 def tokenize_all(reader: Reader, workers: int, log: Log) -> tuple[TokenizeStats, int]:
@@ -170,28 +178,23 @@ def tokenize_all(reader: Reader, workers: int, log: Log) -> tuple[TokenizeStats,
     rows = len(reader.dataset)
     tasks = _shards(rows, workers)
     stats = TokenizeStats()
-    start, step = time.monotonic(), max(1, len(tasks) // 10)
+    start = time.monotonic()
     _READER = reader
     try:
         if workers <= 1 or len(tasks) == 1:
-            results = map(_tokenize_shard, tasks)
-            pool = None
+            for _, shard in map(_tokenize_shard, tasks):
+                _progress(stats, shard, rows, start, workers, log)
         else:
             import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
 
             # fork: the workers inherit the dataset and tokenizer built above (as torch's
-            # DataLoader workers do), instead of each loading them again.
-            pool = multiprocessing.get_context("fork").Pool(workers)
-            results = pool.imap(_tokenize_shard, tasks)  # ordered: deterministic output
-        for done, (_, shard) in enumerate(results, 1):
-            stats.add(shard)
-            if done % step == 0 or done == len(tasks):
-                rate = stats.rows / max(time.monotonic() - start, 1e-9)
-                log(f"[tokenize] {stats.rows}/{rows} rows ({rate:.0f} rows/s, {workers} "
-                    "worker(s))")
-        if pool is not None:
-            pool.close()
-            pool.join()
+            # DataLoader workers do) instead of loading them again; a worker that dies (out
+            # of memory) fails the step instead of hanging it.
+            context = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                for _, shard in pool.map(_tokenize_shard, tasks):  # in order: deterministic
+                    _progress(stats, shard, rows, start, workers, log)
     finally:
         _READER = None
     return stats, len(tasks)
