@@ -126,8 +126,8 @@ def pretokenized_conf(ws: Workspace, conf: dict[str, Any], log: Log = _print) ->
     """The ``dataset`` section that reads the store, or None to let torchtune tokenize.
 
     The fine-tune step falls back to torchtune's own tokenizing (slower, same tensors) rather
-    than failing: it also runs outside this pipeline (the Python API, older compiled
-    pipelines) where no tokenize step ran. The log line says why.
+    than failing: it also runs where no tokenize step ran before it (``run_fine_tune`` called
+    directly, pipelines compiled before this step existed). The log line says why.
     """
     folder = ws.root / TOKENIZED_DIR
     reason = unsupported_reason(conf)
