@@ -1,7 +1,7 @@
 """The local backend: the same pipeline through ``kfp.local``, one background process per job.
 
 ``train()`` returns at once, as the SDK's local backend does: the job runs in its own process
-(``python -m kfp_finetune.client.local_job``) whose output is kept per job in
+(:func:`kfp_finetune.client.local_job.run_job`) whose output is kept per job in
 ``<workspace>/.kfp-finetune-jobs/<name>/run.log``; steps, statuses and logs are read from there,
 so another client over the same workspace sees the same jobs. The workspace itself (dataset,
 model, output) is the one ``kfp-finetune run --local`` uses; one job at a time holds it.
@@ -39,6 +39,9 @@ from kfp_finetune.client.steps import (
 from kfp_finetune.errors import ConfigError
 
 JOBS_DIR = ".kfp-finetune-jobs"
+# The job's process (not ``-m``: the package has imported local_job already, and runpy warns).
+_CHILD = ("import sys; from pathlib import Path; "
+          "from kfp_finetune.client.local_job import run_job; sys.exit(run_job(Path(sys.argv[1])))")
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ class LocalBackend(PipelineBackend):
         env = {**os.environ, **request.credentials.secret_data(), "PYTHONUNBUFFERED": "1"}
         with open(job_dir / local_job.LOG, "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "kfp_finetune.client.local_job", str(job_dir)],
+                [sys.executable, "-c", _CHILD, str(job_dir)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True,
             )

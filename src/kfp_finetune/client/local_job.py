@@ -1,6 +1,6 @@
 """One local job: a folder, a background process running the pipeline, and its log per step.
 
-``python -m kfp_finetune.client.local_job JOB_DIR`` runs the job described by
+:func:`run_job` (in the job's own process) runs the job described by
 ``JOB_DIR/spec.json`` with :func:`kfp_finetune.local.run_local` (kfp.local, this interpreter),
 its output going to ``JOB_DIR/run.log``, and writes ``JOB_DIR/result.json`` last. Credentials
 reach it only through its environment (``HF_TOKEN``, ``AWS_*``), never through the folder.
@@ -18,7 +18,6 @@ import inspect
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +110,3 @@ def run_job(job_dir: Path) -> int:
                                   "losses": result.losses})
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(run_job(Path(sys.argv[1])))
