@@ -35,7 +35,7 @@ from kubeflow.trainer import (
 from kubeflow.trainer.constants import constants
 from kubernetes.client import Configuration
 
-from kfp_finetune import ConfigError, KfpBackendConfig, TrainerClient
+from kfp_finetune import ConfigError, KfpBackendConfig, TrainerClient, get_runtime
 from kfp_finetune.client import TrainJobFailed
 
 NS = "team-a"
@@ -227,7 +227,7 @@ def test_schedule_creates_lists_and_deletes_a_recurring_run(cluster):
 def test_s3_initializers_put_keys_endpoint_and_region_in_the_secret(cluster):
     client, kfp_api, k8s_api = cluster
     name = client.train(
-        runtime="torchtune-llama3.2-1b",
+        runtime=get_runtime("torchtune-llama3.2-1b"),  # kfp_finetune's own Runtime works too
         initializer=Initializer(dataset=S3DatasetInitializer(
             storage_uri="s3://data/alpaca", endpoint="http://minio.minio:9000",
             access_key_id="minio", secret_access_key=S3_SENTINEL, region="eu-west-1")))
@@ -286,3 +286,12 @@ def test_a_token_given_in_python_reaches_only_the_secret(cluster, caplog, capsys
             assert SENTINEL.encode() not in call.body and SENTINEL not in json.dumps(call.query)
     out = capsys.readouterr()
     assert SENTINEL not in caplog.text + out.out + out.err
+
+
+def test_a_mistyped_pipeline_option_is_refused_with_the_allowed_keys(cluster):
+    _, kfp_api, k8s_api = cluster
+    client = TrainerClient(KfpBackendConfig(host=kfp_api.url, namespace=NS,
+                                            pipeline_options={"pvc_sise": "100Gi"}))
+    with pytest.raises(ConfigError, match="pvc_sise.*pvc_size"):
+        seed_train(client)
+    assert k8s_api.calls == [] and not kfp_api.find("POST", r".*")

@@ -10,6 +10,7 @@ from the run's task details, logs from the step's pod through the Kubernetes API
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
@@ -129,6 +130,7 @@ class KfpBackend(PipelineBackend):
 
     @contextmanager
     def _k8s(self, what: str, hide: tuple[str, ...] = ()) -> Iterator[None]:
+        import urllib3
         from kubernetes.client import ApiException
 
         try:
@@ -138,13 +140,26 @@ class KfpBackend(PipelineBackend):
                 f"{what} in namespace {self.namespace!r}: the Kubernetes API answered HTTP "
                 f"{exc.status} {exc.reason}; check the kube context, the namespace and your "
                 "rights there.", hide)) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ConfigError(
+                f"{what}: cannot reach the Kubernetes API ({type(exc).__name__}); check the "
+                "kube context (or KfpBackendConfig.kubernetes_configuration) and the network."
+            ) from None
 
     # ------------------------------------------------------------------ train and schedule
 
     def _prepare(self, runtime: Any, initializer: Any, trainer: Any, export_name: str,
                  name: str) -> tuple[str, dict[str, Any], Credentials]:
         request = to_request(runtime, initializer, trainer, export_name)
-        args = {**request.arguments, **ops_arguments(**self.cfg.pipeline_options)}
+        try:
+            ops = ops_arguments(**self.cfg.pipeline_options)
+        except TypeError:
+            allowed = ", ".join(inspect.signature(ops_arguments).parameters)
+            raise ConfigError(
+                f"KfpBackendConfig(pipeline_options={self.cfg.pipeline_options!r}) has a key "
+                f"that is not an operations setting; use among: {allowed}."
+            ) from None
+        args = {**request.arguments, **ops}
         creds = request.credentials
         if creds.hf:
             args["hf_token_secret"] = secret_name(name)
