@@ -124,6 +124,14 @@ def test_get_and_list_show_the_runs_tasks_as_the_sdks_steps(cluster):
     assert [j.name for j in client.list_jobs()] == [name]
     assert client.list_jobs(runtime=client.get_runtime("torchtune-llama3.2-3b")) == []
     assert client.get_job(run_id).name == name  # the KFP run id works too
+    retry.events.append({
+        "metadata": {"name": "e1"}, "involvedObject": {"kind": "Pod", "name": retry.name},
+        "reason": "Scheduled", "message": "Successfully assigned to gpu-node-3",
+        "firstTimestamp": "2025-01-01T00:00:05Z"})
+    events = client.get_job_events(name)
+    assert [(e.involved_object_kind, e.reason) for e in events] == [
+        ("Run", "RUNNING"), ("Pod", "Scheduled")]
+    assert events[1].involved_object_name == retry.name
     with pytest.raises(ValueError, match="No TrainJob 'nope'"):
         client.get_job("nope")
 
@@ -133,7 +141,12 @@ def test_logs_follow_streams_until_the_step_ends(cluster):
     name = seed_train(client)
     run_id = run_of(kfp_api, name)["run_id"]
     kfp_api.set_run(run_id, "RUNNING", {"dataset-initializer": "RUNNING"})
-    pod = add_step_pod(k8s_api, run_id, "dataset-initializer", ["[dataset] fetching"])
+    pod = add_step_pod(k8s_api, run_id, "dataset-initializer", ["[dataset] fetching"],
+                       phase="Pending")
+    # The pod waits for a node: nothing to read yet, and follow waits for it to start.
+    assert client.get_job(name).steps[0].status == "Pending"
+    assert list(client.get_job_logs(name, step=constants.DATASET_INITIALIZER)) == []
+    pod.phase = "Running"
     assert list(client.get_job_logs(name, step=constants.DATASET_INITIALIZER)) == [
         "[dataset] fetching"]
 

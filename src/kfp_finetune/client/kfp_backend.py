@@ -273,9 +273,12 @@ class KfpBackend(PipelineBackend):
                 pods = k8s.step_pods(self.core, self.namespace, run.run_id)
         steps = []
         for step in sorted(best, key=STEP_ORDER.index):
-            state = str(best[step][1].state or "PENDING")
+            state = KFP_STATES.get(str(best[step][1].state or "PENDING"), ("", PENDING))[1]
             pod = pods.get(step)
-            steps.append(types.Step(name=step, status=KFP_STATES.get(state, ("", PENDING))[1],
+            # As the SDK does, a step with a pod reports the pod's phase (a task may be
+            # "running" while its pod still waits for a node).
+            phase = pod.status.phase if pod is not None and pod.status else None
+            steps.append(types.Step(name=step, status=phase or state,
                                     pod_name=pod.metadata.name if pod else ""))
         return steps
 
