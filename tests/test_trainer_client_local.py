@@ -135,7 +135,11 @@ def test_a_failed_step_surfaces_as_its_own_error_line(tiny, tmp_path):
     assert "Inner task failed" not in message and "finished with status" not in message
     job = client.get_job(job_name)
     assert job.status == constants.TRAINJOB_FAILED
-    assert [s.status for s in job.steps][:1] == ["Failed"]
+    # kfp.local runs the initializers in either order: the model one may have run first.
+    statuses = {s.name: s.status for s in job.steps}
+    assert statuses.pop(constants.MODEL_INITIALIZER) in ("Succeeded", "Skipped")
+    assert statuses == {constants.DATASET_INITIALIZER: "Failed",
+                        f"{constants.NODE}-0": "Skipped", "export": "Skipped"}
 
 
 def test_local_refuses_what_needs_a_cluster_and_unknown_jobs(tmp_path, tiny):

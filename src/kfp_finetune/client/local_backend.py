@@ -135,8 +135,10 @@ class LocalBackend(PipelineBackend):
             status = constants.TRAINJOB_RUNNING if logs else constants.TRAINJOB_CREATED
         else:
             status = constants.TRAINJOB_FAILED
+        not_run = PENDING if status in (constants.TRAINJOB_CREATED,
+                                        constants.TRAINJOB_RUNNING) else "Skipped"
         steps = [types.Step(name=step, pod_name=f"{name}-{step}",
-                            status=logs[step].status if step in logs else PENDING)
+                            status=logs[step].status if step in logs else not_run)
                  for step in LOCAL_STEPS]
         return types.TrainJob(
             name=name, runtime=sdk_runtime(spec["runtime"]), steps=steps, num_nodes=1,
