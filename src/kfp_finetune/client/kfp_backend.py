@@ -317,8 +317,18 @@ class KfpBackend(PipelineBackend):
             with self._k8s(f"reading the log of pod {step.pod_name}"):
                 line = error_line(list(k8s.pod_log_lines(
                     self.core, self.namespace, step.pod_name, follow=False)))
-        if line is None and run.error is not None and run.error.message:
-            line = error_line([run.error.message]) or run.error.message.splitlines()[0]
+        # Else what KFP recorded: the failed task's error, then the run's.
+        tasks = run.run_details.task_details if run.run_details else None
+        errors = [t.error.message for t in tasks or [] if t.error and t.error.message
+                  and step and (step_of(t.display_name or "") or ("",))[0] == step.name]
+        if run.error is not None and run.error.message:
+            errors.append(run.error.message)
+        for message in errors if line is None else []:
+            line = error_line([message])
+            if line:
+                break
+        if line is None and errors:
+            line = errors[-1].splitlines()[0]
         return TrainJobFailed(name, step.name if step else None, line)
 
     # ------------------------------------------------------------------ logs, events, delete
