@@ -308,3 +308,14 @@ def test_a_mistyped_pipeline_option_is_refused_with_the_allowed_keys(cluster):
     with pytest.raises(ConfigError, match="pvc_sise.*pvc_size"):
         seed_train(client)
     assert k8s_api.calls == [] and not kfp_api.find("POST", r".*")
+
+
+def test_an_unreachable_kfp_api_is_one_clear_error(monkeypatch):
+    import socket
+
+    monkeypatch.delenv("KFP_TOKEN", raising=False)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again before the call: nothing listens
+    with pytest.raises(ConfigError, match="cannot reach the KFP API"):
+        TrainerClient(KfpBackendConfig(host=f"http://127.0.0.1:{port}"))

@@ -116,7 +116,8 @@ class KfpBackend(PipelineBackend):
                                kube_context=cfg.kube_context, token_file=cfg.token_file,
                                ssl_ca_cert=cfg.ssl_ca_cert)
         self.namespace = cfg.namespace or "kubeflow"
-        self.kfp = make_client(self.conn)
+        with api_errors(self.conn):  # kfp.Client asks the API for its health at once
+            self.kfp = make_client(self.conn)
         self._core: Any = None
         self._runtime_of: dict[str, str | None] = {}
 
