@@ -319,3 +319,16 @@ def test_an_unreachable_kfp_api_is_one_clear_error(monkeypatch):
         port = sock.getsockname()[1]  # closed again before the call: nothing listens
     with pytest.raises(ConfigError, match="cannot reach the KFP API"):
         TrainerClient(KfpBackendConfig(host=f"http://127.0.0.1:{port}"))
+
+
+def test_the_kfp_token_comes_from_a_file_as_a_bearer_header_only(cluster, tmp_path):
+    _, kfp_api, k8s_api = cluster
+    token_file = tmp_path / "token"
+    token_file.write_text("kfp-bearer-0123456789\n")
+    config = KfpBackendConfig(host=kfp_api.url, namespace=NS, token_file=str(token_file),
+                              kubernetes_configuration=Configuration(host=k8s_api.url))
+    assert "kfp-bearer" not in repr(config)
+    name = seed_train(TrainerClient(config))
+    assert kfp_api.calls and all(
+        c.headers.get("authorization") == "Bearer kfp-bearer-0123456789" for c in kfp_api.calls)
+    assert "kfp-bearer" not in json.dumps(run_of(kfp_api, name))
