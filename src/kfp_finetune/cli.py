@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -337,17 +338,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``kfp-finetune``."""
+    from kfp_finetune.step_errors import EXIT_INTERRUPTED, INTERRUPTED, error_line
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except KfpFinetuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        sys.stdout.flush()  # the error stays the last line when both streams share a terminal
+        # A step's error (a failed local run) ends with the very line that ended the step.
+        line = error_line(exc) if getattr(exc, "step", None) else f"error: {exc}"
+        print(line, file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print(INTERRUPTED, file=sys.stderr)
+        return EXIT_INTERRUPTED
     except RuntimeError as exc:
         if "finished with status" in str(exc) or "Task" in str(exc):
-            print(f"error: {exc} (the task's log above says why)", file=sys.stderr)
+            # Not one of our errors: a bug, whose traceback is in the task's log.
+            sys.stdout.flush()
+            print(f"error: {_plain(str(exc))} (the task's traceback above says why)",
+                  file=sys.stderr)
             return 1
         raise
+
+
+def _plain(text: str) -> str:
+    # kfp.local colours task names with ANSI escapes; a log file should not carry them.
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 if __name__ == "__main__":
