@@ -2,8 +2,10 @@
 
 Every component body runs its work inside ``step_errors(step, workspace_path)``. Under the KFP
 executor (a pod on a cluster, or a ``kfp.local`` subprocess) a ``KfpFinetuneError`` then ends
-the process with exit code 2 and ``kfp-finetune: error: <class>: <message>`` as the log's
-last line; any other exception is a bug and keeps its traceback. The step also records the error in
+the process with exit code 2 and ``kfp-finetune: error: <class>: <message>`` as its last
+line (on a cluster the KFP launcher, backend/src/v2/cmd/launcher-v2/main.go, then logs its own
+"failed to execute component: exit status 2"); any other exception is a bug and keeps its
+traceback. The step also records the error in
 ``<workspace>/.kfp-finetune/last-error.json`` so that the local runner, which only learns from
 kfp.local that "a task failed", can raise the step's own error class and message.
 
