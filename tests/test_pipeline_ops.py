@@ -266,3 +266,70 @@ def test_local_pipeline_has_no_cluster_settings():
         docs = list(yaml.safe_load_all(path.read_text()))
     assert len(docs) == 1  # no platform spec
     assert "createpvc" not in docs[0]["root"]["dag"]["tasks"]
+
+
+# ----------------------------------------------------------------------------- check-config
+
+CHECK_ARGS = dict(
+    gpus_per_node=2, accelerator_type="nvidia.com/gpu", cpu_request="8", memory_request="64Gi",
+    pvc_size="100Gi", pvc_storage_class="standard", pvc_access_modes=["ReadWriteOnce"],
+    hf_token_secret="hf-token", s3_secret="s3-credentials", delete_workspace=False, push_to="",
+    run_id="0b6f1a52-4c1e-4a7e-9d43-2f7a3c0e8b11", run_name="nightly run",
+    pipeline="kfp-finetune-torchtune-llama3-2-1b",
+)
+
+
+def test_check_config_hands_on_strings_for_a_gpu_run():
+    from kfp_finetune.components.check_config import check_config
+
+    out = check_config.python_func(**CHECK_ARGS)
+    assert out[:4] == ("nvidia.com/gpu", "2", "8", "64Gi")
+    assert out[4] == "kfp-finetune-0b6f1a52-4c1e-4a7e-9d43-2f7a3c0e8b11"
+    assert out[5] == {"kfp-finetune/pipeline": "kfp-finetune-torchtune-llama3-2-1b",
+                      "kfp-finetune/run-id": CHECK_ARGS["run_id"],
+                      "kfp-finetune/run-name": "nightly run"}
+
+
+def test_check_config_gives_a_cpu_run_no_accelerator_limit():
+    from kfp_finetune.components.check_config import check_config
+
+    # Empty type and count: initPodSpecPatch (backend/src/v2/driver/driver.go) then adds no
+    # accelerator limit at all (it needs both non-empty).
+    out = check_config.python_func(**{**CHECK_ARGS, "gpus_per_node": 0, "accelerator_type": ""})
+    assert out[:2] == ("", "")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"gpus_per_node": 9}, "gpus_per_node=9 must be a whole number from 0"),
+    ({"gpus_per_node": True}, "gpus_per_node=True"),
+    ({"accelerator_type": "gpu"}, "accelerator_type='gpu' is not a Kubernetes resource name"),
+    ({"accelerator_type": ""}, "accelerator_type='' is not"),
+    ({"cpu_request": ""}, "cpu_request='' is not a Kubernetes quantity"),
+    ({"cpu_request": "0"}, "cpu_request='0' must be above zero"),
+    ({"memory_request": "64 GB"}, "memory_request='64 GB' is not a Kubernetes quantity"),
+    ({"pvc_size": "100GB"}, "pvc_size='100GB' is not a Kubernetes quantity"),
+    ({"pvc_size": "20m"}, "pvc_size='20m' is less than 1Mi"),
+    ({"pvc_storage_class": ""}, "pvc_storage_class is empty"),
+    ({"pvc_access_modes": ["RWO"]}, "must be a list of access modes among"),
+    ({"hf_token_secret": ""}, "hf_token_secret is empty.*Expected a non-empty string.*need "
+                              "not exist"),
+    ({"s3_secret": "My_Secret"}, "s3_secret='My_Secret' is not a valid Kubernetes Secret"),
+    ({"delete_workspace": True}, "delete_workspace=true without push_to"),
+    ({"run_id": "{{$.pipeline_job_uuid}}"}, "cannot name a volume.*upgrade the backend"),
+])
+def test_check_config_refuses_bad_operations_parameters(change, message):
+    from kfp_finetune.cluster_ops import check_cluster_settings
+    from kfp_finetune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        check_cluster_settings(**{**CHECK_ARGS, **change})
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("100Gi", 100 * 2**30), ("7500m", 7.5), ("8", 8), ("1.5G", 1.5e9), ("1e3", 1000),
+    ("64Mi", 64 * 2**20), (".5", 0.5),
+])
+def test_kubernetes_quantities(text, value):
+    from kfp_finetune.cluster_ops import parse_quantity
+
+    assert float(parse_quantity(text, "x", "1")) == pytest.approx(value)
