@@ -6,13 +6,13 @@ import pytest
 import yaml
 
 from kfp_finetune.compile import compile_runtime
-from kfp_finetune.pipelines.finetune.pipeline import (
+from kfp_finetune.credentials import S3_SECRET_KEYS
+from kfp_finetune.pipelines.finetune.cluster import (
     CHECK_TIMEOUT_S,
     CPU_TASK_CPU_REQUEST,
     CPU_TASK_MEMORY_REQUEST,
     EXPORT_TIMEOUT_S,
     INITIALIZER_TIMEOUT_S,
-    S3_SECRET_KEYS,
     ops_defaults,
 )
 from kfp_finetune.runtimes import RUNTIMES
