@@ -109,11 +109,17 @@ def check_object_name(value: Any, name: str, what: str, example: str) -> str:
     Raises:
         ConfigError: It is empty or not a valid name.
     """
+    if (value == "" or value is None) and what == "Secret":
+        raise ConfigError(
+            f"{name} is empty; the KFP backend fails any task given an empty Secret name "
+            f"('Expected a non-empty string'). Name one, e.g. {example!r} (the Secret need "
+            "not exist: tasks run without it)."
+        )
     if value == "" or value is None:
         raise ConfigError(
-            f"{name} is empty; the KFP backend fails any task given an empty {what} name "
-            f"('Expected a non-empty string'). Name one, e.g. {example!r}"
-            + (" (the Secret need not exist: tasks run without it)." if what == "Secret" else ".")
+            f"{name} is empty; name a {what}, e.g. {example!r} (kubectl get storageclass). An "
+            "empty class disables provisioning: the volume would wait for a matching "
+            "pre-made one, and the run with it."
         )
     if not isinstance(value, str) or len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
         raise ConfigError(

@@ -144,8 +144,12 @@ def backend_version(client: Any, log: Log = print) -> tuple[int, int, int] | Non
     """
     from kfp_finetune.backend import MIN_BACKEND, check_backend_version, version_text
 
-    api_client = client._healthz_api.api_client
-    body = api_client.call_api(
+    healthz = getattr(client, "_healthz_api", None)  # kfp.Client 2.x
+    if healthz is None:
+        log(f"warning: cannot ask this kfp.Client the backend's release; these pipelines need "
+            f"{version_text(MIN_BACKEND)} or newer.")
+        return None
+    body = healthz.api_client.call_api(
         "/apis/v2beta1/healthz", "GET", header_params={"Accept": "application/json"},
         response_type="object", auth_settings=["Bearer"], _return_http_data_only=True,
     )
