@@ -209,6 +209,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     )
     arguments.update(ops_arguments(
         push_to=args.push_to, delete_workspace=args.delete_workspace,
+        keep_workspace_on_failure=args.keep_workspace_on_failure,
         copy_to_artifact=args.copy_to_artifact, pvc_size=args.pvc_size,
         pvc_storage_class=args.pvc_storage_class, pvc_access_mode=args.pvc_access_mode,
         accelerator_type=args.accelerator_type, node_selector=args.node_selector,
@@ -266,6 +267,8 @@ def _add_submit_options(p: argparse.ArgumentParser) -> None:
                    help="also copy the model to hf://org/repo[@branch] or s3://bucket/prefix")
     o.add_argument("--delete-workspace", action="store_true",
                    help="delete the run's volume after the export (needs --push-to)")
+    o.add_argument("--keep-workspace-on-failure", action="store_true",
+                   help="keep a failed run's volume (for debugging or the UI's retry)")
     o.add_argument("--copy-to-artifact", action="store_true",
                    help="also copy the weights into the KFP artifact store")
     o.add_argument("--pvc-size", help="size of the per-run volume, e.g. 100Gi")
