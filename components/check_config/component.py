@@ -53,17 +53,21 @@ def check_config(
         Accelerator type and limit ("" and "" on CPU), CPU and memory requests, the volume's
         name and annotations.
     """
-    from kfp_finetune.cluster_ops import check_cluster_settings
+    from kfp_finetune.step_errors import step_errors
 
-    s = check_cluster_settings(
-        gpus_per_node=gpus_per_node, accelerator_type=accelerator_type, cpu_request=cpu_request,
-        memory_request=memory_request, pvc_size=pvc_size, pvc_storage_class=pvc_storage_class,
-        pvc_access_modes=pvc_access_modes, hf_token_secret=hf_token_secret, s3_secret=s3_secret,
-        delete_workspace=delete_workspace, push_to=push_to, run_id=run_id, run_name=run_name,
-        pipeline=pipeline,
-    )
-    limit = f"{s.accelerator_limit} x {s.accelerator_type}" if s.accelerator_limit else "none"
-    print(f"[check-config] fine-tune: accelerators {limit}, cpu {s.cpu_request}, memory "
-          f"{s.memory_request}; workspace volume {s.pvc_name} ({pvc_size}, {pvc_storage_class})")
-    return (s.accelerator_type, s.accelerator_limit, s.cpu_request, s.memory_request,
-            s.pvc_name, s.pvc_annotations)
+    with step_errors("check-config", None):
+        from kfp_finetune.cluster_ops import check_cluster_settings
+
+        s = check_cluster_settings(
+            gpus_per_node=gpus_per_node, accelerator_type=accelerator_type, cpu_request=cpu_request,
+            memory_request=memory_request, pvc_size=pvc_size, pvc_storage_class=pvc_storage_class,
+            pvc_access_modes=pvc_access_modes, hf_token_secret=hf_token_secret, s3_secret=s3_secret,
+            delete_workspace=delete_workspace, push_to=push_to, run_id=run_id, run_name=run_name,
+            pipeline=pipeline,
+        )
+        limit = f"{s.accelerator_limit} x {s.accelerator_type}" if s.accelerator_limit else "none"
+        print(f"[check-config] fine-tune: accelerators {limit}, cpu {s.cpu_request}, memory "
+              f"{s.memory_request}; workspace volume {s.pvc_name} ({pvc_size}, "
+              f"{pvc_storage_class})")
+        return (s.accelerator_type, s.accelerator_limit, s.cpu_request, s.memory_request,
+                s.pvc_name, s.pvc_annotations)

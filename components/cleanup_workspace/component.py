@@ -29,9 +29,12 @@ def cleanup_workspace(
     Returns:
         deleted, kept or absent.
     """
-    from kfp_finetune.workspace_cleanup import clean_up_workspace
+    from kfp_finetune.step_errors import step_errors
 
-    return clean_up_workspace(
-        status.state, run_id, keep_workspace_on_failure=keep_workspace_on_failure,
-        delete_workspace=delete_workspace, push_to=push_to,
-    )
+    with step_errors("cleanup-workspace", None):
+        from kfp_finetune.workspace_cleanup import clean_up_workspace
+
+        return clean_up_workspace(
+            status.state, run_id, keep_workspace_on_failure=keep_workspace_on_failure,
+            delete_workspace=delete_workspace, push_to=push_to,
+        )

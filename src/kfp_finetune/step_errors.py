@@ -69,7 +69,9 @@ def clear_record(workspace: str | Path) -> None:
     record_path(workspace).unlink(missing_ok=True)
 
 
-def _write_record(workspace: str | Path, step: str, exc: KfpFinetuneError) -> None:
+def _write_record(workspace: str | Path | None, step: str, exc: KfpFinetuneError) -> None:
+    if workspace is None:  # a task that mounts no workspace (check-config, cleanup)
+        return
     root = Path(workspace)
     if not root.is_dir():  # never create a workspace just to write an error into it
         return
@@ -85,12 +87,13 @@ def _write_record(workspace: str | Path, step: str, exc: KfpFinetuneError) -> No
 
 
 @contextmanager
-def step_errors(step: str, workspace: str | Path) -> Iterator[None]:
+def step_errors(step: str, workspace: str | Path | None) -> Iterator[None]:
     """End the step with one line on a ``KfpFinetuneError`` (under the KFP executor).
 
     Args:
         step: The task's name, e.g. ``dataset-initializer``.
-        workspace: The workspace root, where the error is recorded for the local runner.
+        workspace: The workspace root, where the error is recorded for the local runner
+            (None for a task that mounts none).
 
     Raises:
         SystemExit: Code 2 after our error, 130 after Ctrl-C (under the executor only).
