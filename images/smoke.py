@@ -290,7 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - any failure of any step fails the smoke test
         if not isinstance(exc, SmokeError):
             traceback.print_exc()
-        print(f"smoke: FAIL at {step}: {type(exc).__name__}: {exc}", flush=True)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        first = lines[0] if lines else "(no message)"
+        more = " (more in the traceback above)" if len(lines) > 1 else ""
+        print(f"smoke: FAIL at {step}: {type(exc).__name__}: {first}{more}", flush=True)
         return 1
     print(f"smoke: PASS in {time.monotonic() - start:.1f}s")
     return 0
