@@ -293,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         first = lines[0] if lines else "(no message)"
         more = " (more in the traceback above)" if len(lines) > 1 else ""
+        if step not in ("versions", "device") and not (shutil.which("cc") and shutil.which("c++")):
+            more += ("; no C/C++ compiler on PATH, which Triton and Inductor need: install gcc "
+                     "and g++ in the image, or run with --compile none")
         print(f"smoke: FAIL at {step}: {type(exc).__name__}: {first}{more}", flush=True)
         return 1
     print(f"smoke: PASS in {time.monotonic() - start:.1f}s")
