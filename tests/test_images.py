@@ -214,3 +214,13 @@ def test_smoke_passes_on_cpu_with_a_cold_compile_cache(tmp_path):
     assert any(line.startswith("smoke: ok flex attention on CPU (eager, forward only)")
                for line in lines)
     assert lines[-1].startswith("smoke: PASS in ")
+
+
+@pytest.mark.slow
+def test_smoke_recipe_compile_runs_on_cpu():
+    # --compile recipe is what a GPU check runs (training.compile_model + compile_loss); here it
+    # runs on CPU so that its code is exercised without a GPU.
+    out = run_smoke("--device", "cpu", "--compile", "recipe")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert any(line.startswith("smoke: ok training.compile_model + compile_loss of a tiny Llama")
+               for line in out.stdout.splitlines())
