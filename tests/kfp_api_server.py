@@ -1,9 +1,10 @@
 """A stand-in for the KFP API server on 127.0.0.1 that records the calls it receives.
 
 It answers the v2beta1 REST endpoints that ``kfp.Client`` uses to upload pipelines and
-versions, find and create experiments, start runs, create recurring runs and read a run's
-state, with the JSON shapes of ``kfp_server_api``; it keeps what was created in memory so a
-second submission sees the first one's pipeline. Nothing is executed.
+versions, report the backend's release (healthz), find and create experiments, start runs,
+create recurring runs and read a run's state, with the JSON shapes of ``kfp_server_api``; it
+keeps what was created in memory so a second submission sees the first one's pipeline. Nothing
+is executed.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class State:
     recurring_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     # States a GET of a run reports, one per GET; the last one repeats.
     run_states: list[str] = field(default_factory=lambda: ["SUCCEEDED"])
+    # What healthz reports as the backend's release (the API server's TAG_NAME; "unknown"
+    # when unset, as backend/src/apiserver/main.go newHealthzResponse does).
+    tag_name: str = "2.17.0"
 
 
 def _filter_name(query: dict[str, str]) -> str | None:
@@ -150,7 +154,9 @@ class FakeKfpApi:
             return 404, {"error": f"unknown path {path}"}
         path = path[len(PREFIX):]
         if call.method == "GET" and path == "/healthz":
-            return 200, {"multi_user": False}
+            # The JSON of backend/src/apiserver/main.go healthzResponse (2.17.0).
+            return 200, {"commit_sha": "0123abc", "tag_name": s.tag_name, "multi_user": False,
+                         "pipeline_store": "database"}
         if call.method == "GET" and path == "/pipelines":
             name = _filter_name(q)
             found = [p for p in s.pipelines.values() if name is None or p["display_name"] == name]
