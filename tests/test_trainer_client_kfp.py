@@ -106,7 +106,7 @@ def test_get_and_list_show_the_runs_tasks_as_the_sdks_steps(cluster):
     name = seed_train(client)
     run_id = run_of(kfp_api, name)["run_id"]
     kfp_api.set_run(run_id, "RUNNING", {
-        "root-driver": "SUCCEEDED", "createpvc": "SUCCEEDED",
+        "root-driver": "SUCCEEDED", "check-config": "SUCCEEDED", "createpvc": "SUCCEEDED",
         "dataset-initializer-driver": "SUCCEEDED", "dataset-initializer": "SUCCEEDED",
         "executor": "SUCCEEDED", "model-initializer": "SUCCEEDED", "fine-tune": "RUNNING",
     })
@@ -118,7 +118,8 @@ def test_get_and_list_show_the_runs_tasks_as_the_sdks_steps(cluster):
     assert job.status == constants.TRAINJOB_RUNNING and job.name == name
     assert job.runtime.name == "torchtune-llama3.2-1b"
     assert [(s.name, s.status) for s in job.steps] == [
-        ("create-workspace", "Succeeded"), (constants.DATASET_INITIALIZER, "Succeeded"),
+        ("check-config", "Succeeded"), ("create-workspace", "Succeeded"),
+        (constants.DATASET_INITIALIZER, "Succeeded"),
         (constants.MODEL_INITIALIZER, "Succeeded"), (f"{constants.NODE}-0", "Running")]
     assert job.steps[-1].pod_name == retry.name  # the latest attempt's pod
     assert [j.name for j in client.list_jobs()] == [name]
@@ -186,10 +187,12 @@ def test_wait_raises_the_failed_steps_own_error_line(cluster):
     run_id = run_of(kfp_api, name)["run_id"]
     kfp_api.set_run(run_id, "FAILED", {"dataset-initializer": "FAILED"},
                     error="Inner task failed")
+    # What a step ending on our error leaves in its pod's log (kfp_finetune.step_errors),
+    # then the KFP launcher's own line (backend/src/v2/cmd/launcher-v2/main.go).
     add_step_pod(k8s_api, run_id, "dataset-initializer", phase="Failed", lines=[
-        "[dataset] reading 2 files", "Traceback (most recent call last):",
-        '  File "x.py", line 1, in <module>',
-        "kfp_finetune.errors.DatasetError: column 'output' is missing; columns: a, b"])
+        "[dataset] reading 2 files",
+        "kfp-finetune: error: DatasetError: column 'output' is missing; columns: a, b",
+        "F0101 00:00:00.000000 1 main.go:58] failed to execute component: exit status 2"])
     with pytest.raises(TrainJobFailed) as caught:
         client.wait_for_job_status(name, timeout=5, polling_interval=1)
     assert isinstance(caught.value, RuntimeError)  # what the SDK's users catch
@@ -205,13 +208,13 @@ def test_delete_terminates_and_deletes_the_run_its_volume_and_its_secret(cluster
     name = seed_train(client, access_token=SENTINEL)
     run_id = run_of(kfp_api, name)["run_id"]
     kfp_api.set_run(run_id, "RUNNING", {"fine-tune": "RUNNING"})
-    k8s_api.pvcs.add((NS, f"{run_id}-kfp-finetune"))
+    k8s_api.pvcs.add((NS, f"kfp-finetune-{run_id}"))  # cluster_ops.workspace_pvc_name
     other = seed_train(client)
     client.delete_job(name)
     assert kfp_api.find("POST", rf"{RUNS}/{run_id}:terminate")
     assert kfp_api.find("DELETE", rf"{RUNS}/{run_id}")
     assert k8s_api.find("DELETE", rf"/api/v1/namespaces/{NS}/persistentvolumeclaims/"
-                                  rf"{run_id}-kfp-finetune")
+                                  rf"kfp-finetune-{run_id}")
     assert k8s_api.secrets == {} and k8s_api.pvcs == set()
     assert [j.name for j in client.list_jobs()] == [other]
     with pytest.raises(ValueError, match="No TrainJob"):

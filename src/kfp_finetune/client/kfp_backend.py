@@ -4,7 +4,8 @@
 returning at once with the job's name, which is the run's display name. Credentials given in
 Python go into a Secret ``<job>-credentials`` created just before the run and named in its
 ``hf_token_secret``/``s3_secret`` parameters; ``delete_job`` deletes it with the run and the
-run's volume (``<run id>-kfp-finetune``, see pipelines/finetune/pipeline.py). Step states come
+run's volume (``kfp-finetune-<run id>``, ``cluster_ops.workspace_pvc_name``: a terminated run
+never reaches its exit task, which would otherwise clean it up). Step states come
 from the run's task details, logs from the step's pod through the Kubernetes API.
 """
 
@@ -35,6 +36,7 @@ from kfp_finetune.client.steps import (
     new_job_name,
     step_of,
 )
+from kfp_finetune.cluster_ops import workspace_pvc_name
 from kfp_finetune.credentials import redact
 from kfp_finetune.errors import ConfigError
 from kfp_finetune.runtimes import RUNTIMES
@@ -49,7 +51,6 @@ from kfp_finetune.submit import (
 )
 
 log = logging.getLogger(__name__)
-PVC_SUFFIX = "-kfp-finetune"  # CreatePVC's pvc_name_suffix in pipelines/finetune/pipeline.py
 STEP_ORDER = list(dict.fromkeys(STEP_OF_TASK.values()))
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -373,6 +374,6 @@ class KfpBackend(PipelineBackend):
             self.kfp.delete_run(run.run_id)
         with self._k8s(f"deleting the volume and Secret of run {run.run_id}"):
             k8s.delete_if_present(self.core.delete_namespaced_persistent_volume_claim,
-                                  f"{run.run_id}{PVC_SUFFIX}", self.namespace)
+                                  workspace_pvc_name(run.run_id), self.namespace)
             k8s.delete_if_present(self.core.delete_namespaced_secret,
                                   secret_name(run.display_name), self.namespace)

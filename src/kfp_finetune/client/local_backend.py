@@ -35,6 +35,7 @@ from kfp_finetune.client.steps import (
     TRAINING_STEP,
     error_line,
     new_job_name,
+    step_of,
 )
 from kfp_finetune.errors import ConfigError
 
@@ -160,6 +161,8 @@ class LocalBackend(PipelineBackend):
         line = error_line(logs[step].lines) if step else None
         if line is None and result:
             line = error_line([result.get("error") or ""]) or result.get("error")
+            found = step_of(result.get("step") or "")
+            step = step or (found[0] if found else None)
         return TrainJobFailed(name, step, line or "the job's process ended without a result")
 
     # ------------------------------------------------------------------ logs and events

@@ -102,9 +102,11 @@ def run_job(job_dir: Path) -> int:
                            spec["workspace"], args.get("export_name", ""),
                            model_ignore_patterns=args.get("model_ignore_patterns"))
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, then reported
+        # run_local raises the failed step's own error, with its name in ``step``.
         message = redact(f"{type(exc).__name__}: {exc}").splitlines()[0]
         print(message, flush=True)
-        write_json(job_dir / RESULT, {"status": "Failed", "error": message})
+        write_json(job_dir / RESULT, {"status": "Failed", "error": message,
+                                      "step": getattr(exc, "step", None)})
         return 1
     write_json(job_dir / RESULT, {"status": "Complete", "model_dir": str(result.model_dir),
                                   "losses": result.losses})

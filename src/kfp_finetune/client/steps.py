@@ -2,7 +2,8 @@
 
 Step names follow ``kubeflow.trainer.constants.constants``: ``dataset-initializer``,
 ``model-initializer`` and ``node-0`` (``NODE + "-0"``, the training step); this pipeline's other
-tasks keep their own names (``create-workspace``, ``export``, ``delete-workspace``). On a KFP
+tasks keep their own names (``check-config``, ``create-workspace``, ``export``,
+``cleanup-workspace``). On a KFP
 cluster the run's tasks are reported under their pipeline task keys (the Argo node names, e.g.
 ``fine-tune``, ``export-model``, ``createpvc``; see kubeflow/pipelines
 backend/src/apiserver/server/api_converter.go ``toModelTask``); kfp.local names them the same.
@@ -17,9 +18,12 @@ import uuid
 
 from kubeflow.trainer.constants import constants
 
+from kfp_finetune.step_errors import PREFIX
+
 TRAINING_STEP = constants.NODE + "-0"
 # Task key (and display name) -> step name.
 STEP_OF_TASK = {
+    "check-config": "check-config",
     "createpvc": "create-workspace",
     "create-workspace": "create-workspace",
     "dataset-initializer": constants.DATASET_INITIALIZER,
@@ -27,8 +31,7 @@ STEP_OF_TASK = {
     "fine-tune": TRAINING_STEP,
     "export-model": "export",
     "export": "export",
-    "deletepvc": "delete-workspace",
-    "delete-workspace": "delete-workspace",
+    "cleanup-workspace": "cleanup-workspace",
 }
 # The steps every run has, in pipeline order (create-workspace only on a cluster).
 LOCAL_STEPS = (constants.DATASET_INITIALIZER, constants.MODEL_INITIALIZER, TRAINING_STEP, "export")
@@ -80,13 +83,19 @@ def strip_ansi(text: str) -> str:
 
 
 def error_line(lines: list[str]) -> str | None:
-    """The step's own one-line error from its log: the last ``SomethingError: message`` line.
+    """The step's own one-line error from its log.
 
-    This is the one function that decides what a failed step "said"; swap it when the steps
-    write their error line somewhere dedicated.
+    A step that ends on one of our errors writes ``kfp-finetune: error: <Class>: <message>``
+    as its last line (``kfp_finetune.step_errors``; on a cluster the KFP launcher's own exit
+    line follows it); other failures end with a traceback's ``SomethingError: message``. This
+    is the one function that decides what a failed step "said".
     """
-    for line in reversed(lines):
-        match = _ERROR_LINE.search(strip_ansi(line).strip())
+    cleaned = [strip_ansi(line).strip() for line in lines]
+    for line in reversed(cleaned):
+        if line.startswith(PREFIX):
+            return line[len(PREFIX):]
+    for line in reversed(cleaned):
+        match = _ERROR_LINE.search(line)
         if match and not any(generic in match["msg"] for generic in _GENERIC):
             return f"{match['cls']}: {match['msg'].strip()}"
     return None
