@@ -335,3 +335,24 @@ def test_the_kfp_token_comes_from_a_file_as_a_bearer_header_only(cluster, tmp_pa
     assert kfp_api.calls and all(
         c.headers.get("authorization") == "Bearer kfp-bearer-0123456789" for c in kfp_api.calls)
     assert "kfp-bearer" not in json.dumps(run_of(kfp_api, name))
+
+
+def test_without_the_kubernetes_api_jobs_still_show_their_steps(cluster):
+    import socket
+
+    _, kfp_api, _ = cluster
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there
+    client = TrainerClient(KfpBackendConfig(
+        host=kfp_api.url, namespace=NS,
+        kubernetes_configuration=Configuration(host=f"http://127.0.0.1:{port}")))
+    name = seed_train(client)  # no credentials: no Secret, no Kubernetes call needed
+    kfp_api.set_run(run_of(kfp_api, name)["run_id"], "RUNNING", {"fine-tune": "RUNNING"})
+    with pytest.warns(UserWarning, match="without their pods.*cannot reach the Kubernetes API"):
+        job = client.get_job(name)
+    assert [(s.name, s.status, s.pod_name) for s in job.steps] == [
+        (f"{constants.NODE}-0", "Running", "")]
+    with pytest.raises(ConfigError, match="cannot reach the Kubernetes API"):
+        seed_train(client, access_token=SENTINEL)
+    assert len(kfp_api.find("POST", RUNS)) == 1  # the run with a token was never started

@@ -15,6 +15,7 @@ import inspect
 import json
 import logging
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -121,13 +122,23 @@ class KfpBackend(PipelineBackend):
             self.kfp = make_client(self.conn)
         self._core: Any = None
         self._runtime_of: dict[str, str | None] = {}
+        self._warned = False
 
     @property
     def core(self) -> Any:
         """The Kubernetes ``CoreV1Api`` (made on first use)."""
+        from kubernetes.config import ConfigException
+
         if self._core is None:
-            self._core = k8s.core_api(self.cfg.kubernetes_configuration,
-                                      self.cfg.kube_config_file, self.cfg.kube_context)
+            try:
+                self._core = k8s.core_api(self.cfg.kubernetes_configuration,
+                                          self.cfg.kube_config_file, self.cfg.kube_context)
+            except ConfigException as exc:
+                raise ConfigError(
+                    f"no Kubernetes API to reach ({exc}); step logs, credentials Secrets and "
+                    "volumes need one: give a kube context (KfpBackendConfig(kube_context=...)) "
+                    "or KfpBackendConfig(kubernetes_configuration=...)."
+                ) from None
         return self._core
 
     @contextmanager
@@ -270,9 +281,14 @@ class KfpBackend(PipelineBackend):
             if found and (found[0] not in best or found[1] >= best[found[0]][0]):
                 best[found[0]] = (found[1], task)
         pods: dict[str, Any] = {}
-        if best:
-            with self._k8s(f"listing the pods of run {run.run_id}"):
-                pods = k8s.step_pods(self.core, self.namespace, run.run_id)
+        try:
+            if best:
+                with self._k8s(f"listing the pods of run {run.run_id}"):
+                    pods = k8s.step_pods(self.core, self.namespace, run.run_id)
+        except ConfigError as exc:  # KFP alone still gives the steps and their states
+            if not self._warned:
+                warnings.warn(f"steps are shown without their pods: {exc}", stacklevel=3)
+                self._warned = True
         steps = []
         for step in sorted(best, key=STEP_ORDER.index):
             state = KFP_STATES.get(str(best[step][1].state or "PENDING"), ("", PENDING))[1]
