@@ -88,26 +88,29 @@ def tokenize_dataset(
         rows, packs, rows_truncated, tokens_lost, seconds, and skipped (True when the store
         for this config was already complete, or the config cannot be pre-tokenized).
     """
-    from kfp_finetune.params import config_from_params
-    from kfp_finetune.pretokenize import tokenize_dataset as run_tokenize
+    from kfp_finetune.step_errors import step_errors
 
-    config = config_from_params(
-        dtype=dtype, batch_size=batch_size, epochs=epochs, loss=loss, num_nodes=num_nodes,
-        gpus_per_node=gpus_per_node, source=source, split=split, train_on_input=train_on_input,
-        new_system_prompt=new_system_prompt, column_map=column_map,
-        peft_method=peft_method, lora_rank=lora_rank, lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout, lora_attn_modules=lora_attn_modules,
-        apply_lora_to_mlp=apply_lora_to_mlp, apply_lora_to_output=apply_lora_to_output,
-        learning_rate=learning_rate, gradient_accumulation_steps=gradient_accumulation_steps,
-        max_seq_len=max_seq_len, packed=packed, compile=compile,
-        activation_checkpointing=activation_checkpointing,
-        max_steps_per_epoch=max_steps_per_epoch, seed=seed, overrides=overrides,
-    )
-    result = run_tokenize(workspace_path, runtime, config, workers=num_workers)
-    for key, value in result.ui_metrics().items():
-        metrics.log_metric(key, value)
-    if result.reason:
-        metrics.metadata["not_pretokenized"] = result.reason
-    stats = result.stats
-    return (stats.rows, result.packs, stats.rows_truncated, stats.tokens_lost,
-            float(result.seconds), result.skipped)
+    with step_errors("tokenize-dataset", workspace_path):
+        from kfp_finetune.params import config_from_params
+        from kfp_finetune.pretokenize import tokenize_dataset as run_tokenize
+
+        config = config_from_params(
+            dtype=dtype, batch_size=batch_size, epochs=epochs, loss=loss, num_nodes=num_nodes,
+            gpus_per_node=gpus_per_node, source=source, split=split, train_on_input=train_on_input,
+            new_system_prompt=new_system_prompt, column_map=column_map,
+            peft_method=peft_method, lora_rank=lora_rank, lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout, lora_attn_modules=lora_attn_modules,
+            apply_lora_to_mlp=apply_lora_to_mlp, apply_lora_to_output=apply_lora_to_output,
+            learning_rate=learning_rate, gradient_accumulation_steps=gradient_accumulation_steps,
+            max_seq_len=max_seq_len, packed=packed, compile=compile,
+            activation_checkpointing=activation_checkpointing,
+            max_steps_per_epoch=max_steps_per_epoch, seed=seed, overrides=overrides,
+        )
+        result = run_tokenize(workspace_path, runtime, config, workers=num_workers)
+        for key, value in result.ui_metrics().items():
+            metrics.log_metric(key, value)
+        if result.reason:
+            metrics.metadata["not_pretokenized"] = result.reason
+        stats = result.stats
+        return (stats.rows, result.packs, stats.rows_truncated, stats.tokens_lost,
+                float(result.seconds), result.skipped)
