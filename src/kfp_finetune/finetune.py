@@ -38,6 +38,7 @@ from kfp_finetune.tune_config import (
     RecipeChoice,
     ResolvedConfig,
     config_fingerprint,
+    detect_gpu_memory_gib,
     render_config,
     resolve,
 )
@@ -204,7 +205,8 @@ def run_fine_tune(
         TrainingError: ``tune run`` failed or wrote no complete checkpoint.
     """
     runtime = get_runtime(runtime_name)
-    resolved = resolve(runtime, config)
+    # The GPU-memory defaults (activation checkpointing, optimizer offload) need the card.
+    resolved = resolve(runtime, config, gpu_memory_gib=detect_gpu_memory_gib())
     ws = Workspace.at(workspace)
     preprocess = config.dataset_preprocess_config or TorchTuneInstructDataset()
     with workspace_lock(ws.root, "the fine-tune step", LOCK_FILE):

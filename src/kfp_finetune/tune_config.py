@@ -64,6 +64,8 @@ class ResolvedConfig:
     max_steps_per_epoch: int | None = None
     seed: int = 42
     overrides: tuple[str, ...] = ()
+    fsdp_cpu_offload: bool | None = None
+    gpu_memory_gib: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form for JSON and hashing."""
@@ -97,18 +99,67 @@ class RecipeChoice:
         return ["tune", "run", *launch, self.recipe, "--config", str(config_path)]
 
 
-def resolve(runtime: Runtime, config: TorchTuneConfig) -> ResolvedConfig:
+# The cosine warm-up of torchtune's LoRA configs (100 steps) is capped at this share of the
+# run's optimizer steps, counted by the recipe after packing (see kfp_finetune.lr_schedules).
+MAX_WARMUP_FRACTION = 0.1
+_COSINE = "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup"
+CAPPED_COSINE = "kfp_finetune.lr_schedules.cosine_with_capped_warmup"
+
+
+def memory_defaults(runtime: Runtime, gpus: int, gpu_memory_gib: float | None) -> dict[str, Any]:
+    """The runtime's GPU-memory-dependent defaults for cards of ``gpu_memory_gib`` GiB.
+
+    Empty on CPU or when the memory is unknown (the torchtune config's values stay).
+    """
+    if gpus <= 0 or gpu_memory_gib is None:
+        return {}
+    out = {}
+    for rule in runtime.memory_rules:
+        need = rule.threshold_gib(gpus, runtime.default_gpus, runtime.param_count)
+        out[rule.setting] = rule.value if gpu_memory_gib >= need else rule.below
+    return out
+
+
+def detect_gpu_memory_gib() -> float | None:
+    """Memory of the smallest visible NVIDIA GPU in GiB, from ``nvidia-smi`` (None without).
+
+    ``nvidia-smi`` rather than torch: a CUDA context in the step's own process would hold
+    ~0.5 GiB of GPU 0 for the whole of ``tune run``.
+    """
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout
+        sizes = [float(line) for line in out.split() if line.strip()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return round(min(sizes) / 1024, 1) if sizes else None
+
+
+def resolve(runtime: Runtime, config: TorchTuneConfig,
+            gpu_memory_gib: float | None = None) -> ResolvedConfig:
     """Fill the unset fields of ``config`` with the runtime's defaults.
 
     On GPU the runtime's speed defaults (packing, ``max_seq_len``, ``compile``) apply unless the
-    user set them; on CPU none do.
+    user set them, and so do its memory rules for cards of ``gpu_memory_gib`` GiB (activation
+    checkpointing, optimizer offload); on CPU none do.
+
+    Args:
+        runtime: The runtime.
+        config: What the user set.
+        gpu_memory_gib: Memory of one GPU of the training node, or None when unknown (the
+            launcher and the CPU steps; the fine-tune step on the GPU node knows it).
 
     Raises:
         ConfigError: The combination cannot run (QLoRA on CPU, packing without a length, a
             GPU count torchtune has no config for).
     """
     gpus = runtime.default_gpus if config.gpus is None else config.gpus
-    speed = {**runtime.defaults, **(runtime.gpu_defaults if gpus > 0 else {})}
+    speed = {**runtime.defaults, **(runtime.gpu_defaults if gpus > 0 else {}),
+             **memory_defaults(runtime, gpus, gpu_memory_gib)}
 
     def pick(name: str, default: Any = None) -> Any:
         value = getattr(config, name)
@@ -130,6 +181,8 @@ def resolve(runtime: Runtime, config: TorchTuneConfig) -> ResolvedConfig:
         max_steps_per_epoch=config.max_steps_per_epoch,
         seed=42 if config.seed is None else config.seed,
         overrides=tuple(config.overrides or ()),
+        fsdp_cpu_offload=speed.get("fsdp_cpu_offload"),
+        gpu_memory_gib=gpu_memory_gib if gpus > 0 else None,
     )
     if resolved.packed and resolved.max_seq_len is None:
         raise ConfigError(
@@ -296,6 +349,9 @@ def render_config(
         # AdamW runs on both CUDA and CPU (torch >= 2.4).
         optimizer = {"_component_": "torch.optim.AdamW", "lr": optimizer.get("lr", 2e-5),
                      "fused": True}
+    elif optimizer.get("_component_") == "torch.optim.AdamW":
+        # torchtune's llama3_3/70B_full: "highly recommended to use fused=True" (it ships False).
+        optimizer["fused"] = True
     if cfg.learning_rate is not None:
         optimizer["lr"] = cfg.learning_rate
     conf.update(
@@ -326,8 +382,10 @@ def render_config(
         "compile": cfg.compile,
         "enable_activation_checkpointing": cfg.activation_checkpointing,
         "max_steps_per_epoch": cfg.max_steps_per_epoch,
+        "fsdp_cpu_offload": cfg.fsdp_cpu_offload if choice.distributed else None,
     }
     conf.update({k: v for k, v in knobs.items() if v is not None})
+    _cap_warmup(conf)
     if (conf.get("gradient_accumulation_steps") or 1) > 1:
         conf["optimizer_in_bwd"] = False  # torchtune refuses it with gradient accumulation
     if choice.device == "cpu":
@@ -345,6 +403,14 @@ def render_config(
     else:
         conf["log_peak_memory_stats"] = True
     return choice, apply_overrides(conf, cfg.overrides)
+
+
+def _cap_warmup(conf: dict[str, Any]) -> None:
+    """Cap the config's cosine warm-up at a share of the run (counted after packing)."""
+    scheduler = conf.get("lr_scheduler")
+    if isinstance(scheduler, dict) and scheduler.get("_component_") == _COSINE:
+        conf["lr_scheduler"] = {**scheduler, "_component_": CAPPED_COSINE,
+                                "max_warmup_fraction": MAX_WARMUP_FRACTION}
 
 
 def apply_overrides(conf: dict[str, Any], overrides: tuple[str, ...]) -> dict[str, Any]:
