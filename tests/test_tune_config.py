@@ -153,6 +153,15 @@ def test_gpu_defaults_per_runtime_and_card_memory(runtime, gpus, memory, expecte
         assert "fsdp_cpu_offload" not in conf
 
 
+def test_lora_on_70b_never_offloads_the_optimizer():
+    # LoRA keeps no optimizer state for the frozen base: 140 GB of bf16 weights over 8 cards.
+    # torchtune's llama3_3/70B_lora config has no fsdp_cpu_offload key (the recipe's default
+    # is False): an 80 GB card must not get the full fine-tune's offload.
+    cfg = TorchTuneConfig(resources_per_node={"gpu": 8}, peft_config=LoraConfig())
+    _, conf = render("torchtune-llama3.3-70b", cfg, memory=H100)
+    assert conf.get("fsdp_cpu_offload") in (None, False)
+
+
 def test_what_the_user_sets_wins_over_the_memory_rules():
     cfg = TorchTuneConfig(resources_per_node={"gpu": 8}, activation_checkpointing=False,
                           overrides=["fsdp_cpu_offload=true"])

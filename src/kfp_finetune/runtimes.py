@@ -59,6 +59,7 @@ class MemoryRule:
         below: Setting when it is not.
         reason: Why, in one sentence (shown in the README's runtime table).
         sharded_bytes_per_param: Bytes per parameter of FSDP-sharded state in ``min_gib``.
+        full_only: Only for full fine-tuning (LoRA has no optimizer state for the base).
     """
 
     setting: str
@@ -67,6 +68,7 @@ class MemoryRule:
     below: Any
     reason: str
     sharded_bytes_per_param: float = 0.0
+    full_only: bool = False
 
     def threshold_gib(self, gpus: int, default_gpus: int, params: int | None) -> float:
         """``min_gib`` adjusted for ``gpus`` cards instead of the runtime's default count."""
@@ -159,6 +161,7 @@ LLAMA_70B_OFFLOAD = MemoryRule(
     "gradients and AdamW states + 34 GiB headroom; more with fewer GPUs); offloaded to CPU "
     "below, as torchtune's 70B_full config does",
     sharded_bytes_per_param=8.0,
+    full_only=True,
 )
 
 RUNTIMES: dict[str, Runtime] = {

@@ -106,7 +106,8 @@ _COSINE = "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup"
 CAPPED_COSINE = "kfp_finetune.lr_schedules.cosine_with_capped_warmup"
 
 
-def memory_defaults(runtime: Runtime, gpus: int, gpu_memory_gib: float | None) -> dict[str, Any]:
+def memory_defaults(runtime: Runtime, gpus: int, gpu_memory_gib: float | None,
+                    lora: bool = False) -> dict[str, Any]:
     """The runtime's GPU-memory-dependent defaults for cards of ``gpu_memory_gib`` GiB.
 
     Empty on CPU or when the memory is unknown (the torchtune config's values stay).
@@ -115,6 +116,8 @@ def memory_defaults(runtime: Runtime, gpus: int, gpu_memory_gib: float | None) -
         return {}
     out = {}
     for rule in runtime.memory_rules:
+        if rule.full_only and lora:
+            continue
         need = rule.threshold_gib(gpus, runtime.default_gpus, runtime.param_count)
         out[rule.setting] = rule.value if gpu_memory_gib >= need else rule.below
     return out
@@ -159,7 +162,7 @@ def resolve(runtime: Runtime, config: TorchTuneConfig,
     """
     gpus = runtime.default_gpus if config.gpus is None else config.gpus
     speed = {**runtime.defaults, **(runtime.gpu_defaults if gpus > 0 else {}),
-             **memory_defaults(runtime, gpus, gpu_memory_gib)}
+             **memory_defaults(runtime, gpus, gpu_memory_gib, config.peft_config is not None)}
 
     def pick(name: str, default: Any = None) -> Any:
         value = getattr(config, name)
