@@ -7,11 +7,12 @@ install in ``gpu_check.sh`` included):
 phase     budget  what
 ========  ======  =====================================================================
 install      25   ``gpu_check.sh``: carried wheels, ``pip install --no-index`` (not here)
-smoke        45   ``images/smoke.py``: torch.compile + flex attention on a tiny model
-inputs       75   random-weight Llama-3.2-1B checkpoint + 2,000 alpaca-length rows
-full-ours   115   our ``torchtune-llama3.2-1b`` defaults, full fine-tune (compile warm-up)
+smoke        60   ``images/smoke.py``: torch.compile + flex attention on a tiny model
+inputs       90   random-weight Llama-3.2-1B checkpoint + 3,000 alpaca-length rows (70 s
+                  on 2 loaded cores here)
+full-ours   110   our ``torchtune-llama3.2-1b`` defaults, full fine-tune (compile warm-up)
 full-kf      80   Kubeflow Trainer's runtime config (``1B_full``, 1 GPU), same data
-lora-ours   105   ours with ``LoraConfig()`` (compile warm-up again)
+lora-ours    95   ours with ``LoraConfig()`` (compile warm-up again)
 report       10   ratio, targets, the markdown table
 ========  ======  =====================================================================
 
@@ -51,8 +52,8 @@ import harness
 import synth
 
 TOTAL_S = 480
-BUDGETS = {"install": 25, "smoke": 45, "inputs": 75, "full-ours": 115, "full-kf": 80,
-           "lora-ours": 105, "report": 10}
+BUDGETS = {"install": 25, "smoke": 60, "inputs": 90, "full-ours": 110, "full-kf": 80,
+           "lora-ours": 95, "report": 10}
 assert sum(BUDGETS.values()) <= TOTAL_S
 TARGET_RATIO, TARGET_MFU = 3.0, 0.45
 DRY_RUN_SCALE = 4.0
@@ -209,14 +210,17 @@ def run_check(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = Path(args.work) / "runs" / f"gpu-check-{args.device}"
     ours, kf = harness.ours_and_anchor(inputs, args.device)
     fast = (1, 2) if args.dry_run else (3, 15)  # packed 2048 x bs 4: 8k tokens per step
-    slow = (1, 1) if args.dry_run else (1, 4)  # bs 4 x 8 accumulation, unpacked
+    # Steps of 8 accumulated batches (the Kubeflow side unpacked; torchtune's LoRA config
+    # packed, 64k tokens each: 5 steps use ~1,700 of the 3,000 rows).
+    slow = (1, 1) if args.dry_run else (1, 4)
     # The tiny CPU runtime does not pack; the dry run packs anyway (to 256) so that the GPU
     # defaults' data path (packed batches, per-sample positions) is what it exercises.
     packed = {"dataset.packed": True, "tokenizer.max_seq_len": 256} if args.dry_run else None
     full = emit(measure("full-ours", ours, out, fast, "full", clock, args, packed))
     kf_row = emit(measure("full-kf", kf, out, slow, "full", clock, args))
     lora, _ = harness.ours_and_anchor(inputs, args.device, lora=True)
-    emit(measure("lora-ours", lora, out, fast, "lora", clock, args, packed))
+    emit(measure("lora-ours", lora, out, fast if args.dry_run else slow, "lora", clock, args,
+                 packed))
     emit(targets(full, kf_row, args.device))
     return rows
 
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true",
                    help="same phases on CPU with the tiny models (no GPU needed)")
-    p.add_argument("--rows", type=int, default=None, help="synthetic rows (2000; dry run 300)")
+    p.add_argument("--rows", type=int, default=None, help="synthetic rows (3000; dry run 300)")
     p.add_argument("--work", default="/tmp/kfp-finetune-gpu-check")
     p.add_argument("--out", default=os.environ.get("OUT"),
                    help="folder for gpu_check.jsonl and gpu_check.md (default $OUT)")
@@ -235,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds the wheel install took (counted in the 8 minutes)")
     args = p.parse_args(argv)
     args.device = "cpu" if args.dry_run else "cuda"
-    args.rows = args.rows or (300 if args.dry_run else 2000)
+    args.rows = args.rows or (300 if args.dry_run else 3000)
     if not args.dry_run and not common.gpu_name():
         raise SystemExit("gpu_check: no CUDA GPU is visible; on a CPU machine run "
                          "`bash bench/gpu_check.sh --dry-run`.")
