@@ -214,6 +214,34 @@ def _gpu_peak(rows: list[dict[str, float]]) -> dict[str, Any]:
     return peak_from_rows(rows, after)
 
 
+def _window(loader: CountingLoader, first: int, ga: int, steps: int,
+            t_end: float) -> dict[str, Any]:
+    """Token counts and rates of the measured window (batches ``first`` on, until ``t_end``)."""
+    seconds = t_end - loader.requests[first]
+    trainable = sum(loader.trainable[first:])
+    real = sum(loader.real[first:])
+    padded = sum(loader.padded[first:])
+    step_starts = loader.requests[first::ga] + [t_end]
+    step_tokens = [sum(loader.trainable[first + k * ga: first + (k + 1) * ga])
+                   for k in range(steps)]
+    spans = [b - a for a, b in zip(step_starts, step_starts[1:], strict=False)]
+    step_rates = [n / s for n, s in zip(step_tokens, spans, strict=False)]
+    return dict(
+        seconds=round(seconds, 4),
+        samples=sum(loader.rows[first:]),
+        trainable_tokens=trainable, real_tokens=real, padded_tokens=padded,
+        trainable_tokens_per_s=trainable / seconds, real_tokens_per_s=real / seconds,
+        attended_keys_per_s=sum(loader.attended_keys[first:]) / seconds,
+        padded_tokens_per_s=padded / seconds,
+        step_trainable_tokens_per_s_min=min(step_rates),
+        step_trainable_tokens_per_s_max=max(step_rates),
+        padding_fraction=1 - real / padded if padded else 0.0,
+        row_length_median=_percentile(loader.row_lengths, 0.5),
+        row_length_p90=_percentile(loader.row_lengths, 0.9),
+        row_length_max=max(loader.row_lengths) if loader.row_lengths else 0,
+    )
+
+
 def run_job(job: dict[str, Any], warmup: int) -> dict[str, Any]:
     """Run one recipe config and return its measurements."""
     import torch
@@ -266,28 +294,8 @@ def run_job(job: dict[str, Any], warmup: int) -> dict[str, Any]:
         result["error"] = (f"only {steps_run} steps ran (dataset too small for {warmup} warmup "
                            "steps); use more rows or fewer steps")
         return result
-    seconds = t_end - loader.requests[first]
-    trainable = sum(loader.trainable[first:])
-    real = sum(loader.real[first:])
-    padded = sum(loader.padded[first:])
-    step_starts = loader.requests[first::ga] + [t_end]
-    step_tokens = [sum(loader.trainable[first + k * ga: first + (k + 1) * ga])
-                   for k in range(measured_steps)]
-    spans = [b - a for a, b in zip(step_starts, step_starts[1:], strict=False)]
-    step_rates = [n / s for n, s in zip(step_tokens, spans, strict=False)]
     result.update(
-        seconds=round(seconds, 4),
-        samples=sum(loader.rows[first:]),
-        trainable_tokens=trainable, real_tokens=real, padded_tokens=padded,
-        trainable_tokens_per_s=trainable / seconds, real_tokens_per_s=real / seconds,
-        attended_keys_per_s=sum(loader.attended_keys[first:]) / seconds,
-        padded_tokens_per_s=padded / seconds,
-        step_trainable_tokens_per_s_min=min(step_rates),
-        step_trainable_tokens_per_s_max=max(step_rates),
-        padding_fraction=1 - real / padded if padded else 0.0,
-        row_length_median=_percentile(loader.row_lengths, 0.5),
-        row_length_p90=_percentile(loader.row_lengths, 0.9),
-        row_length_max=max(loader.row_lengths) if loader.row_lengths else 0,
+        _window(loader, first, ga, measured_steps, t_end),
         peak_rss_mib=rss.peak / 2**20, rss_before_mib=rss_before / 2**20,
         max_rss_mib_process=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )

@@ -64,7 +64,7 @@ def card_memory_gib(device: str) -> float | None:
     """The card memory the fine-tune step would read on this machine (None on CPU)."""
     if device != "cuda":
         return None
-    from kfp_finetune.tune_config import detect_gpu_memory_gib
+    from kfp_finetune.gpu_defaults import detect_gpu_memory_gib
 
     return detect_gpu_memory_gib()
 

@@ -225,7 +225,7 @@ def test_full_configs_keep_their_constant_learning_rate():
 
 
 def test_card_memory_comes_from_nvidia_smi(tmp_path, monkeypatch):
-    from kfp_finetune.tune_config import detect_gpu_memory_gib
+    from kfp_finetune.gpu_defaults import detect_gpu_memory_gib
 
     monkeypatch.setenv("PATH", str(tmp_path))
     assert detect_gpu_memory_gib() is None  # no nvidia-smi: unknown, the config's values stay

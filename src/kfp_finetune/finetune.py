@@ -31,6 +31,7 @@ from kfp_finetune.errors import (
     TrainingError,
     WorkspaceError,
 )
+from kfp_finetune.gpu_defaults import detect_gpu_memory_gib
 from kfp_finetune.model_check import check_model, check_safetensors
 from kfp_finetune.runtimes import Runtime, get_runtime
 from kfp_finetune.training_log import losses, read_metric_rows, read_metrics, summarize
@@ -38,7 +39,6 @@ from kfp_finetune.tune_config import (
     RecipeChoice,
     ResolvedConfig,
     config_fingerprint,
-    detect_gpu_memory_gib,
     render_config,
     resolve,
 )

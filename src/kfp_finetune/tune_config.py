@@ -29,6 +29,7 @@ from typing import Any
 
 from kfp_finetune.dataset_plan import DatasetPlan
 from kfp_finetune.errors import ConfigError
+from kfp_finetune.gpu_defaults import cap_warmup, memory_defaults
 from kfp_finetune.model_check import ModelInfo
 from kfp_finetune.runtimes import Runtime
 from kfp_finetune.types import DataType, LoraConfig, Loss, TorchTuneConfig
@@ -97,49 +98,6 @@ class RecipeChoice:
         """The ``tune run`` command line."""
         launch = ["--nproc_per_node", str(self.nproc)] if self.distributed else []
         return ["tune", "run", *launch, self.recipe, "--config", str(config_path)]
-
-
-# The cosine warm-up of torchtune's LoRA configs (100 steps) is capped at this share of the
-# run's optimizer steps, counted by the recipe after packing (see kfp_finetune.lr_schedules).
-MAX_WARMUP_FRACTION = 0.1
-_COSINE = "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup"
-CAPPED_COSINE = "kfp_finetune.lr_schedules.cosine_with_capped_warmup"
-
-
-def memory_defaults(runtime: Runtime, gpus: int, gpu_memory_gib: float | None,
-                    lora: bool = False) -> dict[str, Any]:
-    """The runtime's GPU-memory-dependent defaults for cards of ``gpu_memory_gib`` GiB.
-
-    Empty on CPU or when the memory is unknown (the torchtune config's values stay).
-    """
-    if gpus <= 0 or gpu_memory_gib is None:
-        return {}
-    out = {}
-    for rule in runtime.memory_rules:
-        if rule.full_only and lora:
-            continue
-        need = rule.threshold_gib(gpus, runtime.default_gpus, runtime.param_count)
-        out[rule.setting] = rule.value if gpu_memory_gib >= need else rule.below
-    return out
-
-
-def detect_gpu_memory_gib() -> float | None:
-    """Memory of the smallest visible NVIDIA GPU in GiB, from ``nvidia-smi`` (None without).
-
-    ``nvidia-smi`` rather than torch: a CUDA context in the step's own process would hold
-    ~0.5 GiB of GPU 0 for the whole of ``tune run``.
-    """
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=30, check=True,
-        ).stdout
-        sizes = [float(line) for line in out.split() if line.strip()]
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
-    return round(min(sizes) / 1024, 1) if sizes else None
 
 
 def resolve(runtime: Runtime, config: TorchTuneConfig,
@@ -388,7 +346,7 @@ def render_config(
         "fsdp_cpu_offload": cfg.fsdp_cpu_offload if choice.distributed else None,
     }
     conf.update({k: v for k, v in knobs.items() if v is not None})
-    _cap_warmup(conf)
+    cap_warmup(conf)
     if (conf.get("gradient_accumulation_steps") or 1) > 1:
         conf["optimizer_in_bwd"] = False  # torchtune refuses it with gradient accumulation
     if choice.device == "cpu":
@@ -406,14 +364,6 @@ def render_config(
     else:
         conf["log_peak_memory_stats"] = True
     return choice, apply_overrides(conf, cfg.overrides)
-
-
-def _cap_warmup(conf: dict[str, Any]) -> None:
-    """Cap the config's cosine warm-up at a share of the run (counted after packing)."""
-    scheduler = conf.get("lr_scheduler")
-    if isinstance(scheduler, dict) and scheduler.get("_component_") == _COSINE:
-        conf["lr_scheduler"] = {**scheduler, "_component_": CAPPED_COSINE,
-                                "max_warmup_fraction": MAX_WARMUP_FRACTION}
 
 
 def apply_overrides(conf: dict[str, Any], overrides: tuple[str, ...]) -> dict[str, Any]:
