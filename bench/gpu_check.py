@@ -104,9 +104,10 @@ def smoke(device: str, clock: Clock) -> dict[str, Any]:
     if not script.exists():
         common.log("images/smoke.py is not in this checkout: smoke phase skipped")
         return {**row, "status": "skipped (images/smoke.py absent)"}
-    # The dry run checks the call, not the CPU's compiler: eager only there.
+    # On GPU: --compile auto = torchtune's recipe compile + flex attention. The dry run checks
+    # the call, not the CPU's compiler: eager only there.
     argv = [common.PYTHON, str(script), "--device", device,
-            *(["--no-compile"] if device == "cpu" else [])]
+            *(["--compile", "none"] if device == "cpu" else [])]
     started = time.monotonic()
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=clock.budget("smoke"))

@@ -141,6 +141,8 @@ def test_gpu_check_dry_run(tmp_path):
     rows = [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
     by_phase = {r["phase"]: r for r in rows}
     assert list(by_phase) == ["smoke", "inputs", "full-ours", "full-kf", "lora-ours", "targets"]
+    smoke = by_phase["smoke"]["status"]
+    assert smoke == "ok" or smoke.startswith("skipped"), by_phase["smoke"]
     training = [by_phase[p] for p in ("full-ours", "full-kf", "lora-ours")]
     for row in training:
         assert "error" not in row, row
