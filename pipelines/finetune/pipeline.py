@@ -153,10 +153,10 @@ def build_pipeline(runtime_name: str, local_workspace: str | None = None) -> Cal
                 2048 on GPU, no limit on CPU).
             packed: Pack samples into max_seq_len sequences: auto (on for GPU runtimes), true
                 or false.
-            compile: torch.compile the model and loss: auto (on for 1B-3B on GPU), true or
+            compile: torch.compile the model and loss: auto (on for GPU runtimes), true or
                 false.
-            activation_checkpointing: Recompute activations to save memory: auto (the
-                config's), true or false.
+            activation_checkpointing: Recompute activations to save memory: auto (off where
+                the card's memory allows, see README "Runtimes"), true or false.
             max_steps_per_epoch: Stop each epoch after this many steps (0: whole epoch).
             seed: Random seed, for reproducible runs.
             overrides: Raw torchtune key=value overrides applied last, e.g.

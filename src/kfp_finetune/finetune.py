@@ -31,6 +31,7 @@ from kfp_finetune.errors import (
     TrainingError,
     WorkspaceError,
 )
+from kfp_finetune.gpu_defaults import detect_gpu_memory_gib
 from kfp_finetune.gpus import check_gpus_visible
 from kfp_finetune.model_check import check_model, check_safetensors
 from kfp_finetune.pretokenize import pretokenized_conf
@@ -207,7 +208,8 @@ def run_fine_tune(
             no complete checkpoint.
     """
     runtime = get_runtime(runtime_name)
-    resolved = resolve(runtime, config)
+    # The GPU-memory defaults (activation checkpointing, optimizer offload) need the card.
+    resolved = resolve(runtime, config, gpu_memory_gib=detect_gpu_memory_gib())
     check_gpus_visible(resolved.gpus)
     ws = Workspace.at(workspace)
     preprocess = config.dataset_preprocess_config or TorchTuneInstructDataset()
