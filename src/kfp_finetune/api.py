@@ -42,6 +42,12 @@ def train(
     Raises:
         ConfigError: No dataset initializer was given.
     """
+    if not isinstance(initializer, Initializer):
+        raise ConfigError(
+            f"initializer={initializer!r} is not an Initializer; pass Initializer(dataset="
+            "HuggingFaceDatasetInitializer(storage_uri=...), model="
+            "HuggingFaceModelInitializer(storage_uri=...))."
+        )
     if initializer.dataset is None:
         raise ConfigError(
             "initializer.dataset is missing; pass Initializer(dataset="

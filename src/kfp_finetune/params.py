@@ -53,6 +53,14 @@ def lora_from_params(
             "full fine-tuning."
         )
     if method == "none":
+        given = _lora_options_given(lora_rank, lora_alpha, lora_dropout, lora_attn_modules,
+                                    apply_lora_to_mlp, apply_lora_to_output)
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} given, but peft_method is 'none' (full fine-tuning), which "
+                "would ignore it and train every weight; set peft_method (CLI: --peft) to lora, "
+                "qlora or dora, or drop the LoRA options."
+            )
         return None
     kwargs: dict[str, Any] = {
         "lora_rank": lora_rank or None,
@@ -66,6 +74,28 @@ def lora_from_params(
     if lora_attn_modules:
         kwargs["lora_attn_modules"] = list(lora_attn_modules)
     return LoraConfig(**kwargs)
+
+
+def _lora_options_given(
+    lora_rank: Any, lora_alpha: Any, lora_dropout: Any, lora_attn_modules: Any,
+    apply_lora_to_mlp: Any, apply_lora_to_output: Any,
+) -> list[str]:
+    """The LoRA options set to something other than their "use the default" spelling."""
+    given = []
+    if lora_rank not in (0, None):
+        given.append(f"lora_rank={lora_rank!r}")
+    if lora_alpha not in (0, None):  # NaN != 0: reported too
+        given.append(f"lora_alpha={lora_alpha!r}")
+    if lora_dropout is not None and not (isinstance(lora_dropout, (int, float))
+                                         and lora_dropout < 0):
+        given.append(f"lora_dropout={lora_dropout!r}")
+    if lora_attn_modules:
+        given.append(f"lora_attn_modules={list(lora_attn_modules)!r}")
+    for name, value in (("apply_lora_to_mlp", apply_lora_to_mlp),
+                        ("apply_lora_to_output", apply_lora_to_output)):
+        if switch(value, name) is not None:
+            given.append(f"{name}={value!r}")
+    return given
 
 
 def preprocess_from_params(
