@@ -58,10 +58,10 @@ def locate(index: int, split_start: int, counts: list[int] | None,
     return f"one of the files {names}"
 
 
-def _first_bad(mask: Any) -> int | None:
+def _first_bad(mask: Any, null_is_bad: bool = True) -> int | None:
     import pyarrow.compute as pc
 
-    hits = pc.indices_nonzero(pc.fill_null(mask, True))
+    hits = pc.indices_nonzero(pc.fill_null(mask, null_is_bad))
     return int(hits[0].as_py()) if len(hits) else None
 
 
@@ -79,7 +79,7 @@ def _text_problem(table: Any, column: str, required: bool) -> tuple[int, str] | 
     if not required:
         return None
     nulls = _first_bad(pc.is_null(col))
-    empty = _first_bad(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0))
+    empty = _first_bad(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0), False)
     bad = [(i, w) for i, w in ((nulls, "is null"), (empty, "is empty")) if i is not None]
     return min(bad) if bad else None
 

@@ -15,7 +15,14 @@ from typing import Any
 
 from kfp_finetune.credentials import DEFAULT_HF_SECRET, hf_secret_command, hf_token, redact
 from kfp_finetune.errors import SourceError
-from kfp_finetune.storage import Listing, Log, RemoteFile, TransientError
+from kfp_finetune.storage import (
+    Listing,
+    Log,
+    RemoteFile,
+    TransientError,
+    network_problem,
+    network_timeout,
+)
 from kfp_finetune.uris import StorageUri
 from kfp_finetune.workspace import disk_error
 
@@ -28,6 +35,51 @@ def hf_endpoint() -> str | None:
     return value or None
 
 
+def _bounded_client() -> Any:
+    """huggingface_hub's default client, with a timeout on every request.
+
+    Its own client has none, and its API calls pass ``timeout=None`` per request (``repo_info``
+    in hf_api.py: ``get_session().get(path, ..., timeout=timeout)``), which overrides a client
+    default; so the transport fills in the limit wherever a request carries none.
+    """
+    import httpx2
+    from huggingface_hub.utils._http import hf_request_event_hook
+
+    limit = network_timeout()
+    bounds = {"connect": min(limit, 10.0), "read": limit, "write": limit, "pool": limit}
+
+    class BoundedTransport(httpx2.HTTPTransport):
+        def handle_request(self, request: Any) -> Any:
+            given = dict(request.extensions.get("timeout") or {})
+            request.extensions["timeout"] = {
+                k: v if given.get(k) is None else given[k] for k, v in bounds.items()
+            }
+            return super().handle_request(request)
+
+    return httpx2.Client(
+        event_hooks={"request": [hf_request_event_hook]},
+        follow_redirects=True,
+        timeout=httpx2.Timeout(limit, connect=bounds["connect"]),
+        transport=BoundedTransport(),
+    )
+
+
+def use_bounded_timeouts() -> None:
+    """Make every Hub request of this process time out.
+
+    huggingface_hub's shared client has no timeout, so API calls such as ``repo_info`` wait
+    forever on a server that accepts the connection and never answers.
+    """
+    from huggingface_hub.utils import _http
+
+    if _http._GLOBAL_CLIENT_FACTORY is _http.default_client_factory \
+            or getattr(_http._GLOBAL_CLIENT_FACTORY, "_kfp_finetune_limit", None) \
+            != network_timeout():
+        factory = _bounded_client
+        factory._kfp_finetune_limit = network_timeout()  # type: ignore[attr-defined]
+        _http.set_client_factory(factory)
+
+
 class HfBackend:
     """Files of one Hugging Face repository (a model, or a dataset's file or folder)."""
 
@@ -36,6 +88,7 @@ class HfBackend:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()  # one line per file in the task log instead of tqdm bars
+        use_bounded_timeouts()
         self.uri = uri
         self.kind = kind
         self.log = log
@@ -110,6 +163,9 @@ class HfBackend:
             # storage.fetch turns it into a WorkspaceError that names the folder.
             return exc
         if isinstance(exc, (httpx2.TransportError, LocalEntryNotFoundError)):
+            problem = network_problem(exc)
+            if problem is not None:
+                return TransientError(f"{problem} from {self.endpoint or 'the Hub'}")
             return TransientError(f"{type(exc).__name__}: {redact(exc).splitlines()[0]}")
         if isinstance(exc, OSError):
             # e.g. "Consistency check failed": the transfer was cut short.

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kfp_finetune.credentials import redact
 from kfp_finetune.errors import ConfigError
 
 TOKEN_ENV = "KFP_TOKEN"
@@ -78,28 +79,102 @@ def _token(conn: Connection) -> str | None:
     return (os.environ.get(TOKEN_ENV) or "").strip() or None
 
 
+def _probe(host: str, token: str | None) -> None:
+    """One bounded GET of the KFP API's healthz before ``kfp.Client`` is made.
+
+    A wrong token, a refused connection and a server that never answers each get one line;
+    kfp.Client's constructor would retry healthz five times (``Client.get_kfp_healthz``, 5 s
+    apart), log a traceback each time, then blame the network.
+
+    Raises:
+        ConfigError: The API refused the token, or could not be reached in time.
+    """
+    import urllib.error
+    import urllib.request
+
+    from kfp_finetune.storage import network_problem, network_timeout
+
+    url = host.rstrip("/") + "/apis/v2beta1/healthz"
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    shown = redact(host)
+    try:
+        with urllib.request.urlopen(request, timeout=network_timeout()):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            state = "the token given was refused" if token else "no token was given"
+            raise ConfigError(
+                f"the KFP API at {shown} answered HTTP {exc.code} ({exc.reason}): "
+                f"authentication failed, {state}. Put a valid bearer token in {TOKEN_ENV} or "
+                "--token-file (e.g. `kubectl create token <service-account> -n <namespace>`)."
+            ) from None
+        if exc.code == 404:
+            raise ConfigError(
+                f"{shown} answered HTTP 404 for the KFP API's healthz; --host is not a KFP API "
+                "endpoint (write the KFP UI or API URL, e.g. "
+                "https://kubeflow.example.com/pipeline)."
+            ) from None
+        return  # other answers: kfp.Client reports them
+    except (urllib.error.URLError, OSError) as exc:
+        problem = network_problem(exc) or f"{type(exc).__name__}: {redact(exc)}"
+        raise ConfigError(
+            f"cannot reach the KFP API at {shown}: {problem}; check --host, the port-forward "
+            "(kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80) or the network."
+        ) from None
+
+
+def _bound_requests(client: Any) -> None:
+    """Give every later request of ``client`` a timeout (kfp_server_api sets none)."""
+    import urllib3
+
+    from kfp_finetune.storage import network_timeout
+
+    limit = network_timeout()
+    api_client = getattr(getattr(client, "_run_api", None), "api_client", None)
+    pool = getattr(getattr(api_client, "rest_client", None), "pool_manager", None)
+    if pool is not None:
+        pool.connection_pool_kw["timeout"] = urllib3.Timeout(connect=min(limit, 10.0),
+                                                             read=limit)
+        pool.clear()
+
+
 def make_client(conn: Connection) -> Any:
     """Create a ``kfp.Client`` for ``conn`` (see the module docstring for the auth order).
 
+    Every request is bounded by ``KFP_FINETUNE_NETWORK_TIMEOUT_S`` (default 60 s).
+
     Raises:
-        ConfigError: The host is not a URL or the token file cannot be read.
+        ConfigError: The host is not a URL, embeds credentials, refuses the token or cannot
+            be reached; the token file cannot be read.
     """
     import kfp
 
     if conn.host and not re.match(r"^https?://[^\s/]+", conn.host):
         raise ConfigError(
-            f"--host {conn.host!r} is not a URL; write e.g. http://localhost:8080 (a "
+            f"--host {redact(conn.host)!r} is not a URL; write e.g. http://localhost:8080 (a "
             "port-forward of ml-pipeline-ui) or https://kubeflow.example.com/pipeline."
         )
+    if conn.host and redact(conn.host) != conn.host:
+        raise ConfigError(
+            f"--host {redact(conn.host)!r} embeds credentials; never put them in a URL (they "
+            f"land in the shell history). Give a bearer token in {TOKEN_ENV} or --token-file."
+        )
+    token = _token(conn)
+    if conn.host:
+        _probe(conn.host, token)
     kwargs: dict[str, Any] = {
         "host": conn.host or None,
-        "existing_token": _token(conn),
+        "existing_token": token,
         "ssl_ca_cert": conn.ssl_ca_cert,
         "kube_context": conn.kube_context,
     }
     if conn.namespace:
         kwargs["namespace"] = conn.namespace
-    return kfp.Client(**{k: v for k, v in kwargs.items() if v is not None})
+    client = kfp.Client(**{k: v for k, v in kwargs.items() if v is not None})
+    _bound_requests(client)
+    return client
 
 
 @contextmanager
@@ -112,18 +187,22 @@ def api_errors(conn: Connection) -> Iterator[None]:
     import urllib3
     from kfp_server_api.exceptions import ApiException
 
-    where = conn.host or "the in-cluster/kubeconfig KFP endpoint"
+    from kfp_finetune.storage import network_problem
+
+    where = redact(conn.host or "the in-cluster/kubeconfig KFP endpoint")
     try:
         yield
     except ApiException as exc:
-        hint = ("check the token (KFP_TOKEN or --token-file) and --namespace"
-                if exc.status in (401, 403) else "check --host (the KFP API or UI URL)")
+        hint = ("authentication failed: check the token (KFP_TOKEN or --token-file) and "
+                "--namespace" if exc.status in (401, 403)
+                else "check --host (the KFP API or UI URL)")
         raise ConfigError(
             f"the KFP API at {where} answered HTTP {exc.status} {exc.reason}; {hint}."
         ) from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
+        problem = network_problem(exc) or type(exc).__name__
         raise ConfigError(
-            f"cannot reach the KFP API at {where} ({type(exc).__name__}); check --host, the "
+            f"cannot reach the KFP API at {where} ({problem}); check --host, the "
             "port-forward (kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80) or the "
             "network."
         ) from None
