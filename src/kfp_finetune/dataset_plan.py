@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kfp_finetune.dataset_rows import check_rows, file_row_counts, locate
-from kfp_finetune.errors import DatasetError
+from kfp_finetune.errors import DatasetError, KfpFinetuneError
 from kfp_finetune.types import DataFormat, TorchTuneInstructDataset
 from kfp_finetune.workspace import disk_error
 
@@ -276,8 +276,15 @@ def plan_dataset(
     """
     import datasets
 
+    from kfp_finetune.model_check import check_no_lfs_pointers
+
     fmt = DataFormat(cfg.source)
     files = data_files(folder, fmt)
+    try:
+        check_no_lfs_pointers(folder, [f.relative_to(folder).as_posix() for f in files])
+    except KfpFinetuneError as exc:
+        raise DatasetError(str(exc).replace("model file", "data file").replace(
+            "the model step", "the dataset step")) from None
     if _all_empty(files, fmt):
         raise DatasetError(
             f"the dataset files {_names(folder, files)} hold 0 rows, so split={cfg.split!r} "

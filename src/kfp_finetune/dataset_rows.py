@@ -71,13 +71,21 @@ def _text_problem(table: Any, column: str, required: bool) -> tuple[int, str] | 
     import pyarrow.compute as pc
 
     col = table.column(column)
-    if pa.types.is_null(col.type):
-        return (0, "is null in every row") if required and len(col) else None
+    if not required:
+        return None  # AlpacaToMessages skips a null or empty input; any other value is formatted
+    if col.null_count == len(col):
+        return (0, "is null in every row") if len(col) else None
+    if isinstance(col.type, pa.BaseExtensionType) and _is_text(col.type.storage_type):
+        # Mixed JSON values arrive as JSON text (``arrow.json``): strings start with '"'.
+        storage = pa.chunked_array([c.storage for c in col.chunks], col.type.storage_type)
+        i = _first_bad(pc.invert(pc.starts_with(pc.utf8_ltrim_whitespace(storage), '"')),
+                       False)
+        if i is not None:
+            return i, f"holds the non-text value {str(storage[i].as_py())[:40]}"
+        return None
     if not _is_text(col.type):
         first = next((v for v in col.to_pylist()[:1000] if v is not None), None)
         return 0, f"holds {col.type} values, not text (e.g. {str(first)[:40]!r})"
-    if not required:
-        return None
     nulls = _first_bad(pc.is_null(col))
     empty = _first_bad(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0), False)
     bad = [(i, w) for i, w in ((nulls, "is null"), (empty, "is empty")) if i is not None]

@@ -123,6 +123,7 @@ def read_config(path: Path) -> dict[str, Any]:
             f"the model has no config.json (in {str(path.parent)!r}); a Hugging Face model "
             "folder is needed: config.json, *.safetensors and the tokenizer files."
         )
+    check_no_lfs_pointers(path.parent, [path.name])
     try:
         cfg = json.loads(path.read_text())
     except ValueError as exc:

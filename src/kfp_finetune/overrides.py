@@ -133,7 +133,7 @@ def check_override(item: Any) -> str:
     """
     if not isinstance(item, str):
         raise ConfigError(
-            f"override {redact(repr(item))[:80]} is a {type(item).__name__}, not text; "
+            f"override {redact(repr(item))[:80]} is of type {type(item).__name__}, not text; "
             f"{_EXAMPLE}."
         )
     text = item.strip()
