@@ -690,3 +690,34 @@ def test_rows_that_fit_max_seq_len_pass_the_preflight(
     tmp_path: Path, tiny: dict[str, Path]
 ) -> None:
     _preflight("alpaca", 512)(tmp_path / "ws", tiny, {"alpaca": tiny["alpaca"] / "data"})
+
+
+def test_a_local_folder_with_a_space_and_a_path_object_work_in_both_steps(
+    tmp_path: Path, tiny: dict[str, Path]
+) -> None:
+    # Issue 15: a folder named "My Data" was refused ("contains whitespace"), a pathlib.Path
+    # as storage_uri was called empty.
+    data = tmp_path / "My Data" / "alpaca set"
+    model = tmp_path / "My Models" / "tiny llama"
+    shutil.copytree(tiny["alpaca"] / "data", data)
+    shutil.copytree(tiny["llama3_2"], model)
+    init = Initializer(dataset=HuggingFaceDatasetInitializer(data),  # type: ignore[arg-type]
+                       model=HuggingFaceModelInitializer(f"file://{model}"))
+    assert init.dataset is not None and init.dataset.storage_uri == str(data)
+    ws = tmp_path / "ws"
+    summary = initialize_dataset(ws, init.dataset.storage_uri, TorchTuneInstructDataset(),
+                                 lambda _: None)
+    assert summary.plan.rows == 64 and summary.plan.kind == "alpaca"
+    info = initialize_model(ws, str(model), RUNTIME, TorchTuneConfig(), lambda _: None).info
+    assert info.checkpoint_files == ["model.safetensors"]
+
+
+def test_rows_with_null_input_are_fine_for_alpaca_data(tmp_path: Path) -> None:
+    # AlpacaToMessages (torchtune/data/_messages.py) skips a null or empty input, so the
+    # every-row check must not refuse it.
+    folder = tmp_path / "data"
+    folder.mkdir()
+    _jsonl(folder / "train.jsonl", _alpaca(row2={"input": None}, row4={"input": ""}))
+    summary = initialize_dataset(tmp_path / "ws", str(folder),
+                                 TorchTuneInstructDataset(source="json"), lambda _: None)
+    assert summary.plan.rows == 8

@@ -68,7 +68,8 @@ _PATTERNS = (
 # its own pattern) counts as a credential. Quotes end a match, so the patterns also work
 # inside free text (the repr of a URI).
 USERINFO = re.compile(r"//[^/@\s'\"]*:[^/@\s'\"]*@")
-USER_ONLY = re.compile(r"(?<!hf:)//[^/@\s:'\"]+@|(?<=hf:)//[^/@\s:'\"]{30,}@")
+USER_ONLY = re.compile(
+    r"(?<!hf:)//[^/@\s:'\"]+@|(?<=hf:)//(?:hf_[^/@\s:'\"]*|[^/@\s:'\"]{30,})@")
 
 
 def hf_token() -> str | None:
