@@ -30,7 +30,12 @@ _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 
 def hf_endpoint() -> str | None:
-    """The Hub endpoint from ``HF_ENDPOINT`` (read now, not at import), or None for the default."""
+    """The Hub endpoint from ``HF_ENDPOINT`` (read now, not at import), or None for the default.
+
+    Every Hub client of the project (the initializers, the export's push) asks this first, so
+    it also bounds this process's Hub requests (:func:`use_bounded_timeouts`).
+    """
+    use_bounded_timeouts()
     value = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/")
     return value or None
 
@@ -88,12 +93,11 @@ class HfBackend:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()  # one line per file in the task log instead of tqdm bars
-        use_bounded_timeouts()
         self.uri = uri
         self.kind = kind
         self.log = log
         self.repo_type = "dataset" if kind == "dataset" else "model"
-        self.endpoint = hf_endpoint()
+        self.endpoint = hf_endpoint()  # also bounds every request with a timeout
         self.token = hf_token()
         self.api = HfApi(endpoint=self.endpoint, token=self.token or None)
 
