@@ -425,7 +425,7 @@ CASES += [
          argv=("--override", "metric_logger.log_dir=/tmp/x")),
     Case("cli-override-bad-yaml", "cli", ConfigError, ("'seed'", "not valid YAML"),
          argv=("--override", "seed={")),
-    Case("cli-dataset-uri-token", "cli", SourceError, ("embeds credentials", "hf_***"),
+    Case("cli-dataset-uri-token", "cli", SourceError, ("embeds credentials", "hf://***@org/ds"),
          argv=("--dataset-uri", f"hf://{SECRET}@org/ds"), hides=(SECRET,)),
     Case("cli-model-uri-userinfo", "cli", SourceError, ("***:***@", "embeds credentials"),
          argv=("--model-uri", "s3://AKIAIOSFODNN7EXAMPLE:wJalrXUtnFEMIK7MDENG@bucket/m"),

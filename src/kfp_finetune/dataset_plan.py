@@ -258,6 +258,41 @@ def _check_every_row(ds: Any, kind: str, cfg: TorchTuneInstructDataset, chat_col
     check_rows(table, kind, cols, style, lambda row: locate(row, start, counts, files, folder))
 
 
+def _load_error(exc: BaseException, fmt: DataFormat, folder: Path, files: list[Path],
+                split: str, cache_dir: Path) -> BaseException:
+    """Our error for an exception of ``datasets.load_dataset``."""
+    cause = _root_cause(exc)
+    text = str(exc)
+    full = _disk_error(exc, cache_dir)
+    if full is not None:
+        return full
+    bad_text = _utf8_error(exc)
+    if bad_text is not None:
+        return _not_utf8(fmt, _names(folder, files), bad_text)
+    if isinstance(exc, ValueError) and "corresponds to no data" in text \
+            and split.split("[")[0] == "train":
+        total = _total_rows(fmt, files, cache_dir)
+        if total:
+            return _selects_nothing(split, total)
+        return DatasetError(
+            f"the {fmt.value} files {_names(folder, files)} hold 0 rows (only blank lines "
+            f"or a header), so split={split!r} selects nothing; check that the data "
+            "files were written completely."
+        )
+    if isinstance(exc, ValueError) and ("split" in text.lower()
+                                        or "corresponds to no data" in text):
+        return DatasetError(
+            f"split={split!r} selects nothing from the data files ({_first_line(text)}; "
+            "they form one split named 'train'); use e.g. 'train' or 'train[:95%]'."
+        )
+    detail = cause if cause is not exc else exc
+    return DatasetError(
+        f"the {fmt.value} files {_names(folder, files)} could not be read "
+        f"({type(detail).__name__}: {_first_line(str(detail))}); check that the files are "
+        f"valid {fmt.value} and that source={fmt.value!r} is their format."
+    )
+
+
 def plan_dataset(
     folder: Path, cfg: TorchTuneInstructDataset, cache_dir: Path
 ) -> DatasetPlan:
@@ -299,36 +334,7 @@ def plan_dataset(
             cache_dir=str(cache_dir),
         )
     except Exception as exc:  # datasets raises many types for unreadable files
-        cause = _root_cause(exc)
-        text = str(exc)
-        full = _disk_error(exc, cache_dir)
-        if full is not None:
-            raise full from None
-        bad_text = _utf8_error(exc)
-        if bad_text is not None:
-            raise _not_utf8(fmt, _names(folder, files), bad_text) from None
-        if isinstance(exc, ValueError) and "corresponds to no data" in text \
-                and cfg.split.split("[")[0] == "train":
-            total = _total_rows(fmt, files, cache_dir)
-            if total:
-                raise _selects_nothing(cfg.split, total) from None
-            raise DatasetError(
-                f"the {fmt.value} files {_names(folder, files)} hold 0 rows (only blank lines "
-                f"or a header), so split={cfg.split!r} selects nothing; check that the data "
-                "files were written completely."
-            ) from None
-        if isinstance(exc, ValueError) and ("split" in text.lower()
-                                            or "corresponds to no data" in text):
-            raise DatasetError(
-                f"split={cfg.split!r} selects nothing from the data files ({_first_line(text)}; "
-                "they form one split named 'train'); use e.g. 'train' or 'train[:95%]'."
-            ) from None
-        detail = cause if cause is not exc else exc
-        raise DatasetError(
-            f"the {fmt.value} files {_names(folder, files)} could not be read "
-            f"({type(detail).__name__}: {_first_line(str(detail))}); check that the files are "
-            f"valid {fmt.value} and that source={fmt.value!r} is their format."
-        ) from None
+        raise _load_error(exc, fmt, folder, files, cfg.split, cache_dir) from None
     columns = list(ds.column_names)
     if len(ds) == 0:
         raise _selects_nothing(cfg.split, _total_rows(fmt, files, cache_dir))

@@ -49,50 +49,6 @@ def _quiet(*_: Any) -> None:
     return None
 
 
-DEFAULT_NETWORK_TIMEOUT_S = 60.0
-
-
-def network_timeout() -> float:
-    """Seconds any one network request may wait for an answer (Hub, S3, KFP API).
-
-    From ``KFP_FINETUNE_NETWORK_TIMEOUT_S`` (default 60); a server that accepts the connection
-    and never answers costs at most this long per try, and the bounded retries multiply it by
-    ``KFP_FINETUNE_DOWNLOAD_ATTEMPTS`` at most.
-    """
-    try:
-        value = float(os.environ.get("KFP_FINETUNE_NETWORK_TIMEOUT_S", DEFAULT_NETWORK_TIMEOUT_S))
-    except ValueError:
-        return DEFAULT_NETWORK_TIMEOUT_S
-    return value if value > 0 else DEFAULT_NETWORK_TIMEOUT_S
-
-
-def network_problem(exc: BaseException) -> str | None:
-    """A short diagnosis of a network error, telling a timeout from a refused connection.
-
-    Returns:
-        ``"no answer within N s (timeout)"``, ``"connection refused"``, ... or None when
-        ``exc`` is not a network error.
-    """
-    import socket
-
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        name = type(cur).__name__
-        if isinstance(cur, (TimeoutError, socket.timeout)) or "Timeout" in name:
-            return (f"no answer within {network_timeout():g} s (timeout; "
-                    "KFP_FINETUNE_NETWORK_TIMEOUT_S sets it)")
-        if isinstance(cur, ConnectionRefusedError) or "refused" in str(cur).lower():
-            return "connection refused (nothing listens at that address and port)"
-        if isinstance(cur, socket.gaierror) or "name or service not known" in str(cur).lower():
-            return "the host name does not resolve"
-        if isinstance(cur, ConnectionError):
-            return f"the connection failed ({name})"
-        cur = cur.__cause__ or cur.__context__
-    return None
-
-
 class TransientError(Exception):
     """A network or server error worth retrying (timeouts, resets, HTTP 429 and 5xx)."""
 

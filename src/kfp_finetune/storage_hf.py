@@ -15,13 +15,12 @@ from typing import Any
 
 from kfp_finetune.credentials import DEFAULT_HF_SECRET, hf_secret_command, hf_token, redact
 from kfp_finetune.errors import SourceError
+from kfp_finetune.network import network_problem, network_timeout
 from kfp_finetune.storage import (
     Listing,
     Log,
     RemoteFile,
     TransientError,
-    network_problem,
-    network_timeout,
 )
 from kfp_finetune.uris import StorageUri
 from kfp_finetune.workspace import disk_error

@@ -17,14 +17,13 @@ from typing import Any
 
 from kfp_finetune.credentials import DEFAULT_S3_SECRET, redact, s3_secret_command
 from kfp_finetune.errors import SourceError
+from kfp_finetune.network import network_problem, network_timeout
 from kfp_finetune.storage import (
     Listing,
     Log,
     RemoteFile,
     TransientError,
     digest,
-    network_problem,
-    network_timeout,
 )
 from kfp_finetune.uris import StorageUri
 from kfp_finetune.workspace import disk_error

@@ -79,67 +79,6 @@ def _token(conn: Connection) -> str | None:
     return (os.environ.get(TOKEN_ENV) or "").strip() or None
 
 
-def _probe(host: str, token: str | None) -> None:
-    """One bounded GET of the KFP API's healthz before ``kfp.Client`` is made.
-
-    A wrong token, a refused connection and a server that never answers each get one line;
-    kfp.Client's constructor would retry healthz five times (``Client.get_kfp_healthz``, 5 s
-    apart), log a traceback each time, then blame the network.
-
-    Raises:
-        ConfigError: The API refused the token, or could not be reached in time.
-    """
-    import urllib.error
-    import urllib.request
-
-    from kfp_finetune.storage import network_problem, network_timeout
-
-    url = host.rstrip("/") + "/apis/v2beta1/healthz"
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    shown = redact(host)
-    try:
-        with urllib.request.urlopen(request, timeout=network_timeout()):
-            return
-    except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403):
-            state = "the token given was refused" if token else "no token was given"
-            raise ConfigError(
-                f"the KFP API at {shown} answered HTTP {exc.code} ({exc.reason}): "
-                f"authentication failed, {state}. Put a valid bearer token in {TOKEN_ENV} or "
-                "--token-file (e.g. `kubectl create token <service-account> -n <namespace>`)."
-            ) from None
-        if exc.code == 404:
-            raise ConfigError(
-                f"{shown} answered HTTP 404 for the KFP API's healthz; --host is not a KFP API "
-                "endpoint (write the KFP UI or API URL, e.g. "
-                "https://kubeflow.example.com/pipeline)."
-            ) from None
-        return  # other answers: kfp.Client reports them
-    except (urllib.error.URLError, OSError) as exc:
-        problem = network_problem(exc) or f"{type(exc).__name__}: {redact(exc)}"
-        raise ConfigError(
-            f"cannot reach the KFP API at {shown}: {problem}; check --host, the port-forward "
-            "(kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80) or the network."
-        ) from None
-
-
-def _bound_requests(client: Any) -> None:
-    """Give every later request of ``client`` a timeout (kfp_server_api sets none)."""
-    import urllib3
-
-    from kfp_finetune.storage import network_timeout
-
-    limit = network_timeout()
-    api_client = getattr(getattr(client, "_run_api", None), "api_client", None)
-    pool = getattr(getattr(api_client, "rest_client", None), "pool_manager", None)
-    if pool is not None:
-        pool.connection_pool_kw["timeout"] = urllib3.Timeout(connect=min(limit, 10.0),
-                                                             read=limit)
-        pool.clear()
-
-
 def make_client(conn: Connection) -> Any:
     """Create a ``kfp.Client`` for ``conn`` (see the module docstring for the auth order).
 
@@ -161,9 +100,11 @@ def make_client(conn: Connection) -> Any:
             f"--host {redact(conn.host)!r} embeds credentials; never put them in a URL (they "
             f"land in the shell history). Give a bearer token in {TOKEN_ENV} or --token-file."
         )
+    from kfp_finetune.network import bound_kfp_requests, probe_kfp
+
     token = _token(conn)
     if conn.host:
-        _probe(conn.host, token)
+        probe_kfp(conn.host, token, TOKEN_ENV)
     kwargs: dict[str, Any] = {
         "host": conn.host or None,
         "existing_token": token,
@@ -173,7 +114,7 @@ def make_client(conn: Connection) -> Any:
     if conn.namespace:
         kwargs["namespace"] = conn.namespace
     client = kfp.Client(**{k: v for k, v in kwargs.items() if v is not None})
-    _bound_requests(client)
+    bound_kfp_requests(client)
     return client
 
 
@@ -187,7 +128,7 @@ def api_errors(conn: Connection) -> Iterator[None]:
     import urllib3
     from kfp_server_api.exceptions import ApiException
 
-    from kfp_finetune.storage import network_problem
+    from kfp_finetune.network import network_problem
 
     where = redact(conn.host or "the in-cluster/kubeconfig KFP endpoint")
     try:
