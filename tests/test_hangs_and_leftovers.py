@@ -257,3 +257,16 @@ def test_task_commands_exec_the_executor_so_it_keeps_the_parent_death_signal() -
     assert rewritten != command
     assert "\nexec env _KFP_RUNTIME=true " in rewritten[2]
     assert sys.executable  # the task runs this interpreter (SubprocessRunner(use_venv=False))
+
+
+def test_concurrent_runs_never_sweep_each_others_scratch_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two runs sharing one TMPDIR (the secrets scan runs two at once): each sweep removes only
+    # folders whose owner is gone, and a folder is locked before it carries the swept prefix.
+    from kfp_finetune.local import task_scope
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    with task_scope() as first, task_scope() as second:
+        assert first.is_dir() and second.is_dir() and first != second
+    assert list(tmp_path.iterdir()) == []

@@ -201,9 +201,12 @@ def task_scope() -> Iterator[Path]:
 
     parent = Path(tempfile.gettempdir())
     _sweep_stale(parent)
-    scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=parent))
-    lock = (scratch / _LOCK).open("a")
+    # Locked before it carries the swept prefix: a concurrent run's sweep never sees it free.
+    pending = Path(tempfile.mkdtemp(prefix=f".{SCRATCH_PREFIX}pending-", dir=parent))
+    lock = (pending / _LOCK).open("a")
     fcntl.flock(lock, fcntl.LOCK_EX)
+    scratch = parent / pending.name.replace(f".{SCRATCH_PREFIX}pending-", SCRATCH_PREFIX)
+    os.rename(pending, scratch)
     old_tmp = os.environ.get("TMPDIR")
     original = subprocess_task_handler.run_local_subprocess
     os.environ["TMPDIR"] = str(scratch)
