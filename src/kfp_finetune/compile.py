@@ -58,8 +58,16 @@ def compile_all(out_dir: Path, runtimes: list[str] | None = None) -> list[Path]:
     """Compile the given runtimes (all by default).
 
     Raises:
-        ConfigError: ``out_dir`` cannot be written (read-only, no permission, name too long).
+        ConfigError: Image variables are set and ``out_dir`` is the repository's compiled/,
+            or ``out_dir`` cannot be written (read-only, no permission, name too long).
     """
+    from kfp_finetune import images
+
+    if images.overridden() and out_dir.resolve() == REPO_COMPILED.resolve():
+        raise ConfigError(
+            f"{', '.join(images.overridden())} set: compiled/ holds the default images; "
+            "compile elsewhere with --output-dir DIR (or unset these variables)."
+        )
     with writable_output(out_dir, "the compiled pipelines", "--output-dir"):
         return [compile_runtime(name, out_dir) for name in (runtimes or list(RUNTIMES))]
 
