@@ -22,6 +22,9 @@ from kfp_finetune.uris import parse_storage_uri
         ("s3://my-bucket", "model", "s3", "", None, "", "my-bucket"),
         ("file:///data/alpaca", "dataset", "file", "", None, "/data/alpaca", ""),
         ("/data/model/", "model", "file", "", None, "/data/model", ""),
+        # Issue 15: a local folder whose name holds a space must be usable.
+        ("/data/My Models/tiny", "model", "file", "", None, "/data/My Models/tiny", ""),
+        ("file:///data/my data", "dataset", "file", "", None, "/data/my data", ""),
     ],
 )
 def test_valid(uri: str, kind: str, scheme: str, repo: str, revision: str | None, path: str,
@@ -52,7 +55,8 @@ def test_describe_round_trips() -> None:
         ("https://huggingface.co/datasets/tatsu-lab/alpaca", "hf://tatsu-lab/alpaca"),
         ("file://relative/x", "three slashes"),
         ("~/data", "'~/data'"),
-        ("/data/a b", "whitespace"),
+        ("/data/a\tb", "whitespace"),
+        ("hf://org/my repo", "whitespace"),
         ("s3://user:pass@bucket/x", "***:***@"),
     ],
 )

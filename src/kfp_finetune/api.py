@@ -45,6 +45,12 @@ def train(
             message (e.g. ``DatasetError`` for a column the data lacks), with the step's name
             in its ``step`` attribute; never kfp.local's generic "Inner task failed".
     """
+    if not isinstance(initializer, Initializer):
+        raise ConfigError(
+            f"initializer={initializer!r} is not an Initializer; pass Initializer(dataset="
+            "HuggingFaceDatasetInitializer(storage_uri=...), model="
+            "HuggingFaceModelInitializer(storage_uri=...))."
+        )
     if initializer.dataset is None:
         raise ConfigError(
             "initializer.dataset is missing; pass Initializer(dataset="

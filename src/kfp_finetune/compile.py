@@ -3,13 +3,38 @@
 from __future__ import annotations
 
 import difflib
+import errno
+import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from kfp_finetune.errors import ConfigError
 from kfp_finetune.runtimes import RUNTIMES, get_runtime
 
 REPO_COMPILED = Path(__file__).resolve().parents[2] / "compiled"
+
+
+@contextmanager
+def writable_output(path: Path, what: str, option: str) -> Iterator[None]:
+    """Turn an OSError while writing under ``path`` into one ConfigError line.
+
+    Args:
+        path: The output folder the user chose.
+        what: What is written there, for the message.
+        option: The option or argument that chose the folder, for the fix.
+    """
+    try:
+        yield
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+        if exc.errno == errno.ENAMETOOLONG:
+            reason += " (a path component is longer than the file-name limit of 255 bytes)"
+        raise ConfigError(
+            f"cannot write {what} to {str(path)!r} ({reason}); choose a writable folder with "
+            f"{option}."
+        ) from None
 
 
 def compile_runtime(runtime_name: str, out_dir: Path) -> Path:
@@ -30,7 +55,12 @@ def compile_runtime(runtime_name: str, out_dir: Path) -> Path:
 
 
 def compile_all(out_dir: Path, runtimes: list[str] | None = None) -> list[Path]:
-    """Compile the given runtimes (all by default)."""
+    """Compile the given runtimes (all by default).
+
+    Raises:
+        ConfigError: Image variables are set and ``out_dir`` is the repository's compiled/,
+            or ``out_dir`` cannot be written (read-only, no permission, name too long).
+    """
     from kfp_finetune import images
 
     if images.overridden() and out_dir.resolve() == REPO_COMPILED.resolve():
@@ -38,7 +68,8 @@ def compile_all(out_dir: Path, runtimes: list[str] | None = None) -> list[Path]:
             f"{', '.join(images.overridden())} set: compiled/ holds the default images; "
             "compile elsewhere with --output-dir DIR (or unset these variables)."
         )
-    return [compile_runtime(name, out_dir) for name in (runtimes or list(RUNTIMES))]
+    with writable_output(out_dir, "the compiled pipelines", "--output-dir"):
+        return [compile_runtime(name, out_dir) for name in (runtimes or list(RUNTIMES))]
 
 
 def check_compiled(compiled_dir: Path, runtimes: list[str] | None = None) -> list[str]:

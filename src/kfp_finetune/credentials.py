@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from typing import Any
 
 from kfp_finetune.errors import ConfigError
-from kfp_finetune.uris import redact_uri
 
 HF_TOKEN_ENV = "HF_TOKEN"
 DEFAULT_HF_SECRET = "hf-token"
@@ -45,14 +44,32 @@ SECRET_ENV = (
     "AWS_SESSION_TOKEN",
 )
 _SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+# Query-string parameters that carry a credential: presigned S3 (SigV4 and the older V2),
+# Google Cloud Storage signed URLs, Azure SAS and generic API-key parameters.
+_QUERY_SECRETS = (
+    "x-amz-credential", "x-amz-signature", "x-amz-security-token", "awsaccesskeyid",
+    "signature", "x-goog-credential", "x-goog-signature", "sig", "token", "access_token",
+    "api_key", "apikey", "password", "secret", "client_secret", "key",
+)
 _PATTERNS = (
     (re.compile(r"hf_[A-Za-z0-9]{8,}"), "hf_***"),
     (re.compile(r"(?i)(bearer\s+)[^\s'\"]+"), r"\1***"),
-    (re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)[^'\"\s,}]+"), r"\1***"),
-    (re.compile(r"(?i)(x-amz-signature=|signature=|x-amz-security-token=)[^&\s'\"]+"), r"\1***"),
+    (re.compile(r"(?i)(basic\s+)[A-Za-z0-9+/=]{6,}"), r"\1***"),
+    (re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)(?!bearer\b|basic\b)"
+                r"[^'\"\s,}]+"), r"\1***"),
+    (re.compile(r"(?i)([?&;]|\b)((?:" + "|".join(re.escape(k) for k in _QUERY_SECRETS)
+                + r")=)[^&\s'\"#]+"), r"\1\2***"),
     (re.compile(r"(?i)(credential=)[^&\s'\"/]+"), r"\1***"),
     (re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{12,}\b"), "***"),
 )
+# ``user:password@`` in any URI, and ``user@`` (a key or token as user name). In hf://, ``@``
+# normally follows a repository name (``hf://org/repo@rev``); ``hf://org@rev`` is a misplaced
+# revision, so there only a token-shaped user part (30+ characters; ``hf_...`` is caught by
+# its own pattern) counts as a credential. Quotes end a match, so the patterns also work
+# inside free text (the repr of a URI).
+USERINFO = re.compile(r"//[^/@\s'\"]*:[^/@\s'\"]*@")
+USER_ONLY = re.compile(
+    r"(?<!hf:)//[^/@\s:'\"]+@|(?<=hf:)//(?:hf_[^/@\s:'\"]*|[^/@\s:'\"]{30,})@")
 
 
 def hf_token() -> str | None:
@@ -61,8 +78,19 @@ def hf_token() -> str | None:
     return value.strip() or None if value else None
 
 
+def redact_uri(text: str) -> str:
+    """``text`` with the user info of every URI in it replaced (``***:***@`` or ``***@``)."""
+    return USER_ONLY.sub("//***@", USERINFO.sub("//***:***@", text))
+
+
 def redact(text: Any, extra: tuple[str, ...] = ()) -> str:
     """``text`` with every known secret value and token-like string replaced by ``***``.
+
+    The one redaction function: every message that echoes user input (a URI, a host, an
+    override) or quotes a third-party error goes through it. It hides the values of the
+    secret environment variables, tokens in any position (``hf_...``, ``Bearer ...``,
+    ``Authorization: ...``, AWS key ids), credential-bearing query parameters (presigned S3
+    and GCS URLs, SAS tokens) and the user info of URIs (``scheme://user:password@``).
 
     Args:
         text: Any object; it is turned into text first.
@@ -77,7 +105,7 @@ def redact(text: Any, extra: tuple[str, ...] = ()) -> str:
         out = out.replace(value, "***")
     for pattern, repl in _PATTERNS:
         out = pattern.sub(repl, out)
-    return redact_uri(out)  # credentials embedded in a URI: scheme://user:password@host
+    return redact_uri(out)
 
 
 def check_secret_name(name: str, parameter: str = "hf_token_secret") -> str:

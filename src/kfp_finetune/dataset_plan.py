@@ -16,8 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kfp_finetune.errors import DatasetError
+from kfp_finetune.dataset_rows import check_rows, file_row_counts, locate
+from kfp_finetune.errors import DatasetError, KfpFinetuneError
 from kfp_finetune.types import DataFormat, TorchTuneInstructDataset
+from kfp_finetune.workspace import disk_error
 
 EXTENSIONS = {
     DataFormat.PARQUET: (".parquet",),
@@ -188,11 +190,106 @@ def _utf8_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+def _disk_error(exc: BaseException, cache_dir: Path) -> BaseException | None:
+    """A WorkspaceError when ``exc``'s chain holds a full or read-only disk, else None."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        translated = disk_error(cur, cache_dir, "writing the dataset cache")
+        if translated is not None:
+            return translated
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _total_rows(fmt: DataFormat, files: list[Path], cache_dir: Path) -> int | None:
+    """Rows of all data files together (the whole 'train' split), or None when unknown."""
+    counts = file_row_counts(files, fmt.value)
+    if counts is not None:
+        return sum(counts)
+    try:
+        import datasets
+
+        return len(datasets.load_dataset(fmt.value, data_files=[str(f) for f in files],
+                                         split="train", cache_dir=str(cache_dir)))
+    except Exception:  # noqa: BLE001 - only used to word the message
+        return None
+
+
+def _selects_nothing(split: str, total: int | None) -> DatasetError:
+    of = f" of {total}" if total is not None else ""
+    return DatasetError(
+        f"split={split!r} selects 0{of} rows; widen the slice (e.g. 'train' or "
+        "'train[:95%]'), or check the data files."
+    )
+
+
+def _split_start(split: str, total: int) -> int:
+    """First row of the data files that the split expression selects."""
+    import datasets
+
+    try:
+        return datasets.ReadInstruction.from_spec(split).to_absolute({"train": total})[0].from_
+    except Exception:  # noqa: BLE001 - positions are then given within the split only
+        return 0
+
+
 def _not_utf8(fmt: DataFormat, names: str, exc: BaseException) -> DatasetError:
     return DatasetError(
         f"the {fmt.value} files {names} hold text that is not valid UTF-8 "
         f"({type(exc).__name__}: {_first_line(str(exc))}); re-encode them as UTF-8, e.g. "
         "`iconv -f latin1 -t utf-8 in.csv > out.csv`, then re-run the dataset step."
+    )
+
+
+def _check_every_row(ds: Any, kind: str, cfg: TorchTuneInstructDataset, chat_column: str | None,
+                     style: str | None, folder: Path, files: list[Path]) -> None:
+    """Types, nulls and empty text in every row the recipe reads (see ``dataset_rows``)."""
+    cmap = cfg.column_map or {}
+    cols = {key: cmap.get(key, key) for key in ("instruction", "input", "output")}
+    cols["messages"] = chat_column or ""
+    if getattr(ds, "_indices", None) is not None:
+        ds = ds.flatten_indices()
+    table = getattr(ds.data, "table", ds.data)
+    fmt = str(cfg.source.value if hasattr(cfg.source, "value") else cfg.source)
+    counts = file_row_counts(files, fmt)
+    start = _split_start(cfg.split, sum(counts)) if counts is not None else 0
+    check_rows(table, kind, cols, style, lambda row: locate(row, start, counts, files, folder))
+
+
+def _load_error(exc: BaseException, fmt: DataFormat, folder: Path, files: list[Path],
+                split: str, cache_dir: Path) -> BaseException:
+    """Our error for an exception of ``datasets.load_dataset``."""
+    cause = _root_cause(exc)
+    text = str(exc)
+    full = _disk_error(exc, cache_dir)
+    if full is not None:
+        return full
+    bad_text = _utf8_error(exc)
+    if bad_text is not None:
+        return _not_utf8(fmt, _names(folder, files), bad_text)
+    if isinstance(exc, ValueError) and "corresponds to no data" in text \
+            and split.split("[")[0] == "train":
+        total = _total_rows(fmt, files, cache_dir)
+        if total:
+            return _selects_nothing(split, total)
+        return DatasetError(
+            f"the {fmt.value} files {_names(folder, files)} hold 0 rows (only blank lines "
+            f"or a header), so split={split!r} selects nothing; check that the data "
+            "files were written completely."
+        )
+    if isinstance(exc, ValueError) and ("split" in text.lower()
+                                        or "corresponds to no data" in text):
+        return DatasetError(
+            f"split={split!r} selects nothing from the data files ({_first_line(text)}; "
+            "they form one split named 'train'); use e.g. 'train' or 'train[:95%]'."
+        )
+    detail = cause if cause is not exc else exc
+    return DatasetError(
+        f"the {fmt.value} files {_names(folder, files)} could not be read "
+        f"({type(detail).__name__}: {_first_line(str(detail))}); check that the files are "
+        f"valid {fmt.value} and that source={fmt.value!r} is their format."
     )
 
 
@@ -214,8 +311,15 @@ def plan_dataset(
     """
     import datasets
 
+    from kfp_finetune.model_check import check_no_lfs_pointers
+
     fmt = DataFormat(cfg.source)
     files = data_files(folder, fmt)
+    try:
+        check_no_lfs_pointers(folder, [f.relative_to(folder).as_posix() for f in files])
+    except KfpFinetuneError as exc:
+        raise DatasetError(str(exc).replace("model file", "data file").replace(
+            "the model step", "the dataset step")) from None
     if _all_empty(files, fmt):
         raise DatasetError(
             f"the dataset files {_names(folder, files)} hold 0 rows, so split={cfg.split!r} "
@@ -230,36 +334,10 @@ def plan_dataset(
             cache_dir=str(cache_dir),
         )
     except Exception as exc:  # datasets raises many types for unreadable files
-        cause = _root_cause(exc)
-        text = str(exc)
-        bad_text = _utf8_error(exc)
-        if bad_text is not None:
-            raise _not_utf8(fmt, _names(folder, files), bad_text) from None
-        if isinstance(exc, ValueError) and "corresponds to no data" in text \
-                and cfg.split.split("[")[0] == "train":
-            raise DatasetError(
-                f"the {fmt.value} files {_names(folder, files)} hold 0 rows (only blank lines "
-                f"or a header), so split={cfg.split!r} selects nothing; check that the data "
-                "files were written completely."
-            ) from None
-        if isinstance(exc, ValueError) and ("split" in text.lower()
-                                            or "corresponds to no data" in text):
-            raise DatasetError(
-                f"split={cfg.split!r} selects nothing from the data files ({_first_line(text)}; "
-                "they form one split named 'train'); use e.g. 'train' or 'train[:95%]'."
-            ) from None
-        detail = cause if cause is not exc else exc
-        raise DatasetError(
-            f"the {fmt.value} files {_names(folder, files)} could not be read "
-            f"({type(detail).__name__}: {_first_line(str(detail))}); check that the files are "
-            f"valid {fmt.value} and that source={fmt.value!r} is their format."
-        ) from None
+        raise _load_error(exc, fmt, folder, files, cfg.split, cache_dir) from None
     columns = list(ds.column_names)
     if len(ds) == 0:
-        raise DatasetError(
-            f"split={cfg.split!r} selects 0 rows of the dataset; widen the split or check the "
-            "data files."
-        )
+        raise _selects_nothing(cfg.split, _total_rows(fmt, files, cache_dir))
     try:
         # JSON readers accept invalid UTF-8 into string columns; it only fails when read.
         getattr(ds.data, "table", ds.data).validate(full=True)
@@ -274,6 +352,7 @@ def plan_dataset(
     kind, builder, conversation_column, conversation_style = _choose(
         columns, cfg.column_map, first_row
     )
+    _check_every_row(ds, kind, cfg, conversation_column, conversation_style, folder, files)
     return DatasetPlan(
         builder=builder,
         kind=kind,

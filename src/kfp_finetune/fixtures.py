@@ -323,9 +323,12 @@ def make_fixtures(root: str | Path) -> dict[str, Path]:
     Returns:
         ``{"llama3_2": ..., "qwen2_5": ..., "alpaca": ...}``.
     """
+    from kfp_finetune.compile import writable_output
+
     root = Path(root)
-    return {
-        "llama3_2": make_tiny_llama3_2(root / "models" / "tiny-llama3_2"),
-        "qwen2_5": make_tiny_qwen2_5(root / "models" / "tiny-qwen2_5"),
-        "alpaca": make_alpaca_parquet(root / "datasets" / "tiny-alpaca"),
-    }
+    with writable_output(root, "the fixtures", "`kfp-finetune fixtures DIR`"):
+        return {
+            "llama3_2": make_tiny_llama3_2(root / "models" / "tiny-llama3_2"),
+            "qwen2_5": make_tiny_qwen2_5(root / "models" / "tiny-qwen2_5"),
+            "alpaca": make_alpaca_parquet(root / "datasets" / "tiny-alpaca"),
+        }

@@ -8,7 +8,15 @@ deletes it after each run); our workspace is never placed there.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import re
+import shutil
+import signal
+import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,11 +117,11 @@ def run_local(
         runtime_name, model_uri, dataset_uri, config, export_name, model_ignore_patterns
     )
     ws = Workspace.at(workspace)
-    with workspace_lock(ws.root, "kfp-finetune run --local"):
+    with workspace_lock(ws.root, "kfp-finetune run --local"), task_scope() as scratch:
         local.init(
             runner=local.SubprocessRunner(use_venv=False),
             pipeline_root=str(ws.root / ".kfp-local-outputs"),
-            workspace_root=tempfile.mkdtemp(prefix="kfp-local-scratch-"),
+            workspace_root=str(scratch / "kfp-workspace"),
             raise_on_error=True,
         )
         pipeline = build_pipeline(runtime_name, local_workspace=str(ws.root))
@@ -127,3 +135,99 @@ def run_local(
             raise error from None
         model_dir = latest_export(ws, export_name)
     return LocalRunResult(ws.root, model_dir, read_metrics(ws.checkpoints_dir / "logs"))
+
+
+# ----------------------------------------------------------------------- task processes
+
+SCRATCH_PREFIX = "kfp-finetune-local-"
+_LOCK = ".owner.lock"
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the process that started it dies (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _exec_executor(command: list[str]) -> list[str]:
+    """Kfp's task script with its last line exec'd.
+
+    The task's Python process then is the shell's own process (and keeps its parent-death
+    signal) instead of a grandchild that would outlive a killed CLI.
+    """
+    return [re.sub(r"(^|\n)(_KFP_RUNTIME=true )", r"\1exec env \2", part) for part in command]
+
+
+def run_task_subprocess(full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
+    """kfp.local's ``run_local_subprocess``, with a task that dies with this process.
+
+    Same contract as upstream (kfp/local/subprocess_task_handler.py): the task's output is
+    echoed line by line and the exit code returned.
+    """
+    env = {**os.environ, **env_vars} if env_vars else None
+    with subprocess.Popen(
+        _exec_executor(full_command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, bufsize=1, env=env, preexec_fn=_die_with_parent,
+    ) as process:
+        try:
+            if process.stdout:
+                for line in iter(process.stdout.readline, ""):
+                    print(line, end="")
+                print("\n")
+            return process.wait()
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+
+
+def _sweep_stale(parent: Path) -> None:
+    """Remove scratch folders of earlier runs whose process is gone (lock free)."""
+    for folder in parent.glob(f"{SCRATCH_PREFIX}*"):
+        try:
+            with (folder / _LOCK).open("a") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            continue  # held by a live run, or not ours to read
+
+
+@contextmanager
+def task_scope() -> Iterator[Path]:
+    """A scratch folder for one local run, and task processes that die with this one.
+
+    kfp.local's ``workspace_root`` and the tasks' ``TMPDIR`` (where each task's ``mktemp -d``
+    puts its component source) go into one folder under the system temp folder, removed after
+    the run. A folder left by a killed run is removed by the next run (its flock is free once
+    the kernel has reaped the owner). Tasks get ``PR_SET_PDEATHSIG``: ``kill -9`` of the CLI
+    takes them (and, through the fine-tune step's own setting, ``tune run``) down with it, so
+    no orphan keeps the workspace lock.
+    """
+    from kfp.local import subprocess_task_handler
+
+    parent = Path(tempfile.gettempdir())
+    _sweep_stale(parent)
+    # Locked before it carries the swept prefix: a concurrent run's sweep never sees it free.
+    pending = Path(tempfile.mkdtemp(prefix=f".{SCRATCH_PREFIX}pending-", dir=parent))
+    lock = (pending / _LOCK).open("a")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    scratch = parent / pending.name.replace(f".{SCRATCH_PREFIX}pending-", SCRATCH_PREFIX)
+    os.rename(pending, scratch)
+    old_tmp = os.environ.get("TMPDIR")
+    original = subprocess_task_handler.run_local_subprocess
+    os.environ["TMPDIR"] = str(scratch)
+    subprocess_task_handler.run_local_subprocess = run_task_subprocess
+    try:
+        yield scratch
+    finally:
+        subprocess_task_handler.run_local_subprocess = original
+        if old_tmp is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = old_tmp
+        shutil.rmtree(scratch, ignore_errors=True)
+        lock.close()

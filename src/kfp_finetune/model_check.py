@@ -50,12 +50,46 @@ def _runtimes_of(model_type: Any) -> str:
     return f" (runtimes for {model_type!r}: {', '.join(names)})" if names else ""
 
 
+# config.json fields the model builders read as numbers (hf_models, torchtune's builders).
+_WHOLE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "intermediate_size", "vocab_size",
+                 "max_position_embeddings", "head_dim")
+_REAL_FIELDS = ("rms_norm_eps", "rope_theta")
+
+
+def check_config_numbers(cfg: dict[str, Any], where: str = "the model") -> None:
+    """Check that the shape fields of ``config.json`` are positive numbers.
+
+    Raises:
+        ModelError: A field is text, a bool, zero, negative or not finite; names the field.
+    """
+    import math
+
+    for name in _WHOLE_FIELDS + _REAL_FIELDS:
+        if name not in cfg or (name == "head_dim" and cfg[name] is None):
+            continue
+        value = cfg[name]
+        whole = name in _WHOLE_FIELDS
+        ok = not isinstance(value, bool) and isinstance(value, int if whole else (int, float))
+        if ok and not (math.isfinite(value) and value > 0):
+            ok = False
+        if not ok:
+            raise ModelError(
+                f"config.json of {where}: field {name!r} is {value!r}, not a positive "
+                f"{'whole number' if whole else 'number'}; the model cannot be built from it. "
+                "Fix the value in config.json (e.g. from the original repository) or "
+                "re-download the model."
+            )
+
+
 def check_model_config(cfg: dict[str, Any], runtime: Runtime, where: str = "the model") -> None:
     """Check a parsed ``config.json`` against the runtime's family and size.
 
     Raises:
-        ModelError: Wrong ``model_type`` or shape; the message names the right runtime.
+        ModelError: Wrong ``model_type`` or shape, or a non-numeric shape field; the message
+            names the right runtime or the field.
     """
+    check_config_numbers(cfg, where)
     model_type = cfg.get("model_type")
     if model_type != runtime.hf_model_type:
         raise ModelError(
@@ -89,6 +123,7 @@ def read_config(path: Path) -> dict[str, Any]:
             f"the model has no config.json (in {str(path.parent)!r}); a Hugging Face model "
             "folder is needed: config.json, *.safetensors and the tokenizer files."
         )
+    check_no_lfs_pointers(path.parent, [path.name])
     try:
         cfg = json.loads(path.read_text())
     except ValueError as exc:
@@ -99,6 +134,32 @@ def read_config(path: Path) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise ModelError(f"config.json in {str(path.parent)!r} is not a JSON object.")
     return cfg
+
+
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def check_no_lfs_pointers(folder: Path, names: list[str]) -> None:
+    """Refuse Git LFS pointer files standing in for model files (a clone without ``git lfs``).
+
+    Raises:
+        ModelError: A file is a pointer; the message names it and how to get the content.
+    """
+    for name in names:
+        path = folder / name
+        try:
+            if path.stat().st_size > 1024:
+                continue  # pointers are ~130 bytes
+            head = path.read_bytes()[: len(_LFS_POINTER)]
+        except OSError:
+            continue
+        if head == _LFS_POINTER:
+            raise ModelError(
+                f"the model file {name!r} (in {str(folder)!r}) is a Git LFS pointer, not the "
+                "file itself: the repository was cloned without Git LFS. Run `git lfs pull` in "
+                "the source folder (or download with hf://org/repo, which fetches the "
+                "content), then re-run the model step."
+            )
 
 
 _MAX_HEADER = 100 * 2**20  # the safetensors format's own limit on the JSON header
@@ -199,9 +260,10 @@ def check_model(folder: Path, runtime: Runtime) -> ModelInfo:
         ModelError: config.json, weights or tokenizer files are missing, or the architecture
             or size does not match the runtime (the message names the right runtime).
     """
+    names = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    check_no_lfs_pointers(folder, names)
     cfg = read_config(folder / "config.json")
     check_model_config(cfg, runtime)
-    names = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
     weights = weight_files(names)
     if not weights:
         raise ModelError(
@@ -218,6 +280,9 @@ def check_model(folder: Path, runtime: Runtime) -> ModelInfo:
             f"{runtime.name!r} uses; download the full repository (it has them)."
         )
     special = folder / "tokenizer.json"
+    from kfp_finetune.tokenizer_check import check_tokenizer_fits
+
+    check_tokenizer_fits(folder, runtime, cfg, weights)
     return ModelInfo(
         checkpoint_files=weights,
         special_tokens_path=str(special) if special.is_file() else None,

@@ -46,18 +46,28 @@ def lora_from_params(
     Raises:
         ConfigError: ``peft_method`` is not none, lora, qlora or dora, or a LoRA value is bad.
     """
-    method = (peft_method or "none").strip().lower()
+    method = (peft_method or "none").strip().lower() if isinstance(peft_method, str) \
+        or not peft_method else str(peft_method)
     if method not in PEFT_METHODS:
         raise ConfigError(
             f"peft_method={peft_method!r} is not one of {', '.join(PEFT_METHODS)}; use none for "
             "full fine-tuning."
         )
     if method == "none":
+        given = _lora_options_given(lora_rank, lora_alpha, lora_dropout, lora_attn_modules,
+                                    apply_lora_to_mlp, apply_lora_to_output)
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} given, but peft_method is 'none' (full fine-tuning), which "
+                "would ignore it and train every weight; set peft_method (CLI: --peft) to lora, "
+                "qlora or dora, or drop the LoRA options."
+            )
         return None
     kwargs: dict[str, Any] = {
         "lora_rank": lora_rank or None,
         "lora_alpha": lora_alpha or None,
-        "lora_dropout": None if lora_dropout is None or lora_dropout < 0 else lora_dropout,
+        "lora_dropout": None if lora_dropout is None or _negative(lora_dropout)
+        else lora_dropout,
         "apply_lora_to_mlp": switch(apply_lora_to_mlp, "apply_lora_to_mlp"),
         "apply_lora_to_output": switch(apply_lora_to_output, "apply_lora_to_output"),
         "quantize_base": method == "qlora" or None,
@@ -66,6 +76,32 @@ def lora_from_params(
     if lora_attn_modules:
         kwargs["lora_attn_modules"] = list(lora_attn_modules)
     return LoraConfig(**kwargs)
+
+
+def _negative(value: Any) -> bool:
+    """Whether ``value`` is a number below 0 (the "use the default" spelling of dropout)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value < 0
+
+
+def _lora_options_given(
+    lora_rank: Any, lora_alpha: Any, lora_dropout: Any, lora_attn_modules: Any,
+    apply_lora_to_mlp: Any, apply_lora_to_output: Any,
+) -> list[str]:
+    """The LoRA options set to something other than their "use the default" spelling."""
+    given = []
+    if lora_rank not in (0, None):
+        given.append(f"lora_rank={lora_rank!r}")
+    if lora_alpha not in (0, None):  # NaN != 0: reported too
+        given.append(f"lora_alpha={lora_alpha!r}")
+    if lora_dropout is not None and not _negative(lora_dropout):
+        given.append(f"lora_dropout={lora_dropout!r}")
+    if lora_attn_modules:
+        given.append(f"lora_attn_modules={list(lora_attn_modules)!r}")
+    for name, value in (("apply_lora_to_mlp", apply_lora_to_mlp),
+                        ("apply_lora_to_output", apply_lora_to_output)):
+        if switch(value, name) is not None:
+            given.append(f"{name}={value!r}")
+    return given
 
 
 def preprocess_from_params(

@@ -15,7 +15,13 @@ from typing import Any
 
 from kfp_finetune.credentials import DEFAULT_HF_SECRET, hf_secret_command, hf_token, redact
 from kfp_finetune.errors import SourceError
-from kfp_finetune.storage import Listing, Log, RemoteFile, TransientError
+from kfp_finetune.network import network_problem, network_timeout
+from kfp_finetune.storage import (
+    Listing,
+    Log,
+    RemoteFile,
+    TransientError,
+)
 from kfp_finetune.uris import StorageUri
 from kfp_finetune.workspace import disk_error
 
@@ -23,9 +29,59 @@ _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 
 def hf_endpoint() -> str | None:
-    """The Hub endpoint from ``HF_ENDPOINT`` (read now, not at import), or None for the default."""
+    """The Hub endpoint from ``HF_ENDPOINT`` (read now, not at import), or None for the default.
+
+    Every Hub client of the project (the initializers, the export's push) asks this first, so
+    it also bounds this process's Hub requests (:func:`use_bounded_timeouts`).
+    """
+    use_bounded_timeouts()
     value = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/")
     return value or None
+
+
+def _bounded_client() -> Any:
+    """huggingface_hub's default client, with a timeout on every request.
+
+    Its own client has none, and its API calls pass ``timeout=None`` per request (``repo_info``
+    in hf_api.py: ``get_session().get(path, ..., timeout=timeout)``), which overrides a client
+    default; so the transport fills in the limit wherever a request carries none.
+    """
+    import httpx2
+    from huggingface_hub.utils._http import hf_request_event_hook
+
+    limit = network_timeout()
+    bounds = {"connect": min(limit, 10.0), "read": limit, "write": limit, "pool": limit}
+
+    class BoundedTransport(httpx2.HTTPTransport):
+        def handle_request(self, request: Any) -> Any:
+            given = dict(request.extensions.get("timeout") or {})
+            request.extensions["timeout"] = {
+                k: v if given.get(k) is None else given[k] for k, v in bounds.items()
+            }
+            return super().handle_request(request)
+
+    return httpx2.Client(
+        event_hooks={"request": [hf_request_event_hook]},
+        follow_redirects=True,
+        timeout=httpx2.Timeout(limit, connect=bounds["connect"]),
+        transport=BoundedTransport(),
+    )
+
+
+def use_bounded_timeouts() -> None:
+    """Make every Hub request of this process time out.
+
+    huggingface_hub's shared client has no timeout, so API calls such as ``repo_info`` wait
+    forever on a server that accepts the connection and never answers.
+    """
+    from huggingface_hub.utils import _http
+
+    if _http._GLOBAL_CLIENT_FACTORY is _http.default_client_factory \
+            or getattr(_http._GLOBAL_CLIENT_FACTORY, "_kfp_finetune_limit", None) \
+            != network_timeout():
+        factory = _bounded_client
+        factory._kfp_finetune_limit = network_timeout()  # type: ignore[attr-defined]
+        _http.set_client_factory(factory)
 
 
 class HfBackend:
@@ -40,7 +96,7 @@ class HfBackend:
         self.kind = kind
         self.log = log
         self.repo_type = "dataset" if kind == "dataset" else "model"
-        self.endpoint = hf_endpoint()
+        self.endpoint = hf_endpoint()  # also bounds every request with a timeout
         self.token = hf_token()
         self.api = HfApi(endpoint=self.endpoint, token=self.token or None)
 
@@ -110,6 +166,9 @@ class HfBackend:
             # storage.fetch turns it into a WorkspaceError that names the folder.
             return exc
         if isinstance(exc, (httpx2.TransportError, LocalEntryNotFoundError)):
+            problem = network_problem(exc)
+            if problem is not None:
+                return TransientError(f"{problem} from {self.endpoint or 'the Hub'}")
             return TransientError(f"{type(exc).__name__}: {redact(exc).splitlines()[0]}")
         if isinstance(exc, OSError):
             # e.g. "Consistency check failed": the transfer was cut short.

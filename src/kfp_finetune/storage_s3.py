@@ -17,7 +17,14 @@ from typing import Any
 
 from kfp_finetune.credentials import DEFAULT_S3_SECRET, redact, s3_secret_command
 from kfp_finetune.errors import SourceError
-from kfp_finetune.storage import Listing, Log, RemoteFile, TransientError, digest
+from kfp_finetune.network import network_problem, network_timeout
+from kfp_finetune.storage import (
+    Listing,
+    Log,
+    RemoteFile,
+    TransientError,
+    digest,
+)
 from kfp_finetune.uris import StorageUri
 from kfp_finetune.workspace import disk_error
 
@@ -49,8 +56,8 @@ def s3_client() -> Any:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     config = Config(
         retries={"max_attempts": 3, "mode": "standard"},
-        connect_timeout=10,
-        read_timeout=60,
+        connect_timeout=min(10.0, network_timeout()),
+        read_timeout=network_timeout(),
         max_pool_connections=16,
         s3={"addressing_style": "path"} if endpoint else {},
     )
@@ -87,7 +94,8 @@ class S3Backend:
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
             return SourceError(f"{where!r}: no S3 credentials were found; {secret}.")
         if isinstance(exc, (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError)):
-            return TransientError(f"{type(exc).__name__} at {s3_endpoint() or 'AWS S3'}")
+            problem = network_problem(exc) or type(exc).__name__
+            return TransientError(f"{problem} at {redact(s3_endpoint() or 'AWS S3')}")
         if isinstance(exc, ClientError):
             code = str(exc.response.get("Error", {}).get("Code", ""))
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kfp_finetune.credentials import redact
 from kfp_finetune.errors import ConfigError
 from kfp_finetune.submit_checks import normalize_cron, ops_arguments  # noqa: F401 (public here)
 
@@ -78,25 +79,40 @@ def _token(conn: Connection) -> str | None:
 def make_client(conn: Connection) -> Any:
     """Create a ``kfp.Client`` for ``conn`` (see the module docstring for the auth order).
 
+    Every request is bounded by ``KFP_FINETUNE_NETWORK_TIMEOUT_S`` (default 60 s).
+
     Raises:
-        ConfigError: The host is not a URL or the token file cannot be read.
+        ConfigError: The host is not a URL, embeds credentials, refuses the token or cannot
+            be reached; the token file cannot be read.
     """
     import kfp
 
     if conn.host and not re.match(r"^https?://[^\s/]+", conn.host):
         raise ConfigError(
-            f"--host {conn.host!r} is not a URL; write e.g. http://localhost:8080 (a "
+            f"--host {redact(conn.host)!r} is not a URL; write e.g. http://localhost:8080 (a "
             "port-forward of ml-pipeline-ui) or https://kubeflow.example.com/pipeline."
         )
+    if conn.host and redact(conn.host) != conn.host:
+        raise ConfigError(
+            f"--host {redact(conn.host)!r} embeds credentials; never put them in a URL (they "
+            f"land in the shell history). Give a bearer token in {TOKEN_ENV} or --token-file."
+        )
+    from kfp_finetune.network import bound_kfp_requests, probe_kfp
+
+    token = _token(conn)
+    if conn.host:
+        probe_kfp(conn.host, token, TOKEN_ENV)
     kwargs: dict[str, Any] = {
         "host": conn.host or None,
-        "existing_token": _token(conn),
+        "existing_token": token,
         "ssl_ca_cert": conn.ssl_ca_cert,
         "kube_context": conn.kube_context,
     }
     if conn.namespace:
         kwargs["namespace"] = conn.namespace
-    return kfp.Client(**{k: v for k, v in kwargs.items() if v is not None})
+    client = kfp.Client(**{k: v for k, v in kwargs.items() if v is not None})
+    bound_kfp_requests(client)
+    return client
 
 
 @contextmanager
@@ -109,18 +125,22 @@ def api_errors(conn: Connection) -> Iterator[None]:
     import urllib3
     from kfp_server_api.exceptions import ApiException
 
-    where = conn.host or "the in-cluster/kubeconfig KFP endpoint"
+    from kfp_finetune.network import network_problem
+
+    where = redact(conn.host or "the in-cluster/kubeconfig KFP endpoint")
     try:
         yield
     except ApiException as exc:
-        hint = ("check the token (KFP_TOKEN or --token-file) and --namespace"
-                if exc.status in (401, 403) else "check --host (the KFP API or UI URL)")
+        hint = ("authentication failed: check the token (KFP_TOKEN or --token-file) and "
+                "--namespace" if exc.status in (401, 403)
+                else "check --host (the KFP API or UI URL)")
         raise ConfigError(
             f"the KFP API at {where} answered HTTP {exc.status} {exc.reason}; {hint}."
         ) from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
+        problem = network_problem(exc) or type(exc).__name__
         raise ConfigError(
-            f"cannot reach the KFP API at {where} ({type(exc).__name__}); check --host, the "
+            f"cannot reach the KFP API at {where} ({problem}); check --host, the "
             "port-forward (kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80) or the "
             "network."
         ) from None

@@ -8,12 +8,16 @@ Every dataclass validates itself on construction, so bad input fails before anyt
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar
 
 from kfp_finetune.errors import ConfigError
+from kfp_finetune.overrides import FIXED_KEYS as FIXED_KEYS
+from kfp_finetune.overrides import check_overrides
 
 
 class Loss(Enum):
@@ -88,6 +92,34 @@ def _check_int(value: Any, field_name: str, minimum: int) -> int:
     return value
 
 
+def _check_number(value: Any, field_name: str, low: float, high: float | None,
+                  low_open: bool = True, high_open: bool = True, example: str = "") -> float:
+    """A finite real number within the bounds (NaN and infinities are refused)."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if ok and not math.isfinite(value):
+        raise ConfigError(
+            f"{field_name}={value!r} is not a finite number; give a real value"
+            f"{' such as ' + example if example else ''}."
+        )
+    ok = ok and (value > low if low_open else value >= low)
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        span = (f"{'(' if low_open else '['}{low:g}, "
+                f"{'inf)' if high is None else f'{high:g}' + (')' if high_open else ']')}")
+        raise ConfigError(
+            f"{field_name}={value!r} must be a number in {span}"
+            f"{', e.g. ' + example if example else ''}."
+        )
+    return float(value)
+
+
+# torchtune.training.seed.set_seed (0.6.1) refuses seeds outside [0, 2**32 - world_size]
+# (each rank seeds numpy with seed + rank, a uint32); with up to 8 processes per node:
+SEED_MAX = 2**32 - 8
+# LoRA exists to train a low-rank update; a rank above this is as large as the hidden size of
+# the biggest supported model (8192, Llama 3.3 70B: 1024 keeps the adapter < 1/8 of a layer)
+# and is a typo (an extra zero) far more often than a choice.
+LORA_RANK_MAX = 1024
 _COLUMN_KEYS = ("instruction", "input", "output", "messages", "conversations")
 
 
@@ -189,7 +221,16 @@ def check_column_map(column_map: Any) -> dict[str, str] | None:
                 f"column_map[{key!r}]={value!r} must be the non-empty name of a column in "
                 "your data."
             )
-    return {str(k): str(v) for k, v in column_map.items()}
+    seen: dict[str, str] = {}
+    for key, value in column_map.items():
+        if value.strip() in seen:
+            raise ConfigError(
+                f"column_map maps both {seen[value.strip()]!r} and {key!r} to the column "
+                f"{value.strip()!r}; the model would learn to copy its prompt. Map each of them "
+                "to its own column."
+            )
+        seen[value.strip()] = key
+    return {str(k): str(v).strip() for k, v in column_map.items()}
 
 
 _LORA_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
@@ -232,16 +273,23 @@ class LoraConfig:
         self.lora_attn_modules = modules
         if self.lora_rank is not None:
             _check_int(self.lora_rank, "lora_rank", 1)
-        if self.lora_alpha is not None and (
-            isinstance(self.lora_alpha, bool)
-            or not isinstance(self.lora_alpha, (int, float))
-            or self.lora_alpha <= 0
-        ):
-            raise ConfigError(f"lora_alpha={self.lora_alpha!r} must be a number above 0.")
-        if self.lora_dropout is not None and not (
-            isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0
-        ):
-            raise ConfigError(f"lora_dropout={self.lora_dropout!r} must lie in [0, 1).")
+            if self.lora_rank > LORA_RANK_MAX:
+                raise ConfigError(
+                    f"lora_rank={self.lora_rank} is above {LORA_RANK_MAX}: LoRA trains a "
+                    "low-rank update, and a rank that large costs as much memory as full "
+                    "fine-tuning (usual ranks are 8 to 128); lower it, or use full fine-tuning "
+                    "(peft_method none)."
+                )
+        if self.lora_alpha is not None:
+            _check_number(self.lora_alpha, "lora_alpha", 0, None, example="16 or 2 * lora_rank")
+        if self.lora_dropout is not None:
+            try:
+                _check_number(self.lora_dropout, "lora_dropout", 0, 1, low_open=False,
+                              example="0.05")
+            except ConfigError:
+                raise ConfigError(
+                    f"lora_dropout={self.lora_dropout!r} must lie in [0, 1), e.g. 0.05."
+                ) from None
         if self.quantize_base and self.use_dora:
             raise ConfigError(
                 "quantize_base=True with use_dora=True is not supported by torchtune's "
@@ -324,18 +372,18 @@ class TorchTuneConfig:
             )
         if self.resources_per_node is not None:
             self.resources_per_node = _check_resources(self.resources_per_node)
-        if self.learning_rate is not None and (
-            isinstance(self.learning_rate, bool)
-            or not isinstance(self.learning_rate, (int, float))
-            or not 0 < self.learning_rate < 1
-        ):
-            raise ConfigError(
-                f"learning_rate={self.learning_rate!r} must be a number in (0, 1), e.g. 2e-5."
-            )
+        if self.learning_rate is not None:
+            _check_number(self.learning_rate, "learning_rate", 0, 1, example="2e-5")
         for name, minimum in (("gradient_accumulation_steps", 1), ("max_seq_len", 16),
                               ("max_steps_per_epoch", 1), ("seed", 0)):
             if getattr(self, name) is not None:
                 _check_int(getattr(self, name), name, minimum)
+        if self.seed is not None and self.seed > SEED_MAX:
+            raise ConfigError(
+                f"seed={self.seed} is out of range: torchtune seeds numpy with a 32-bit value "
+                f"(seed + rank), so the seed must lie in 0..{SEED_MAX}; pick a smaller one, "
+                "e.g. 42."
+            )
         for name in ("packed", "activation_checkpointing", "compile"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
@@ -348,56 +396,6 @@ class TorchTuneConfig:
         if not self.resources_per_node:
             return None
         return self.resources_per_node.get("gpu")
-
-
-# Keys the pipeline sets itself; an override of them (or of a key under them) is refused.
-FIXED_KEYS = (
-    "output_dir",
-    "tokenizer.path",
-    "tokenizer.merges_file",
-    "checkpointer.checkpoint_dir",
-)
-_OVERRIDE_RE = re.compile(r"^~?[A-Za-z_][\w]*(\.[A-Za-z_0-9][\w]*)*=")
-
-
-def check_overrides(overrides: Any) -> list[str] | None:
-    """Validate raw torchtune ``key=value`` overrides.
-
-    Args:
-        overrides: A list of strings (or a comma/newline separated string), or None.
-
-    Returns:
-        The overrides as a list, or None when empty.
-
-    Raises:
-        ConfigError: An item is not ``key=value`` or sets a key the pipeline owns.
-    """
-    if overrides is None or overrides == [] or overrides == "":
-        return None
-    if isinstance(overrides, str):
-        overrides = [p for p in re.split(r"[\n]", overrides) if p.strip()]
-    if not isinstance(overrides, (list, tuple)):
-        raise ConfigError(
-            f"overrides={overrides!r} must be a list of 'key=value' strings, e.g. "
-            "['optimizer.weight_decay=0.01']."
-        )
-    result = []
-    for item in overrides:
-        text = str(item).strip()
-        if not _OVERRIDE_RE.match(text):
-            raise ConfigError(
-                f"override {text!r} is not key=value; write e.g. 'optimizer.weight_decay=0.01'."
-            )
-        key = text.split("=", 1)[0].lstrip("~")
-        for fixed in FIXED_KEYS:
-            if key == fixed or key.startswith(fixed + ".") or fixed.startswith(key + "."):
-                raise ConfigError(
-                    f"override {text!r} sets {fixed!r}, which the pipeline fixes to the "
-                    "workspace layout; remove it (the fixed keys are "
-                    f"{', '.join(FIXED_KEYS)})."
-                )
-        result.append(text)
-    return result
 
 
 def _check_resources(resources: Any) -> dict[str, Any]:
@@ -441,6 +439,8 @@ class HuggingFaceDatasetInitializer:
         from kfp_finetune.storage import check_ignore_patterns
         from kfp_finetune.uris import parse_storage_uri
 
+        if isinstance(self.storage_uri, os.PathLike):
+            self.storage_uri = os.fspath(self.storage_uri)  # a pathlib.Path is a local path
         parse_storage_uri(self.storage_uri, kind="dataset")
         self.ignore_patterns = list(check_ignore_patterns(self.ignore_patterns)) or None
 
@@ -465,6 +465,8 @@ class HuggingFaceModelInitializer:
         from kfp_finetune.storage import check_ignore_patterns
         from kfp_finetune.uris import parse_storage_uri
 
+        if isinstance(self.storage_uri, os.PathLike):
+            self.storage_uri = os.fspath(self.storage_uri)  # a pathlib.Path is a local path
         parse_storage_uri(self.storage_uri, kind="model")
         self.ignore_patterns = list(check_ignore_patterns(self.ignore_patterns)) or None
 
@@ -475,3 +477,13 @@ class Initializer:
 
     dataset: HuggingFaceDatasetInitializer | None = None
     model: HuggingFaceModelInitializer | None = None
+
+    def __post_init__(self) -> None:
+        for name, cls in (("dataset", HuggingFaceDatasetInitializer),
+                          ("model", HuggingFaceModelInitializer)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, cls):
+                raise ConfigError(
+                    f"Initializer({name}={value!r}) must be a {cls.__name__}(storage_uri=...) "
+                    f"or None; wrap the URI: {name}={cls.__name__}(storage_uri={value!r})."
+                )

@@ -12,12 +12,15 @@ Supported forms (checked without touching the network or the disk):
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
-from pathlib import PurePosixPath
-from typing import Literal
+from pathlib import PurePath, PurePosixPath
+from typing import Any, Literal
 from urllib.parse import unquote
 
+from kfp_finetune.credentials import USER_ONLY, USERINFO, redact
+from kfp_finetune.credentials import redact_uri as redact_uri
 from kfp_finetune.errors import SourceError
 
 Kind = Literal["dataset", "model"]
@@ -65,35 +68,26 @@ class StorageUri:
         return f"file://{self.path}"
 
 
-# ``user:password@`` in any URI, and ``user@`` (a key or token as user name) outside hf://,
-# where ``@`` only ever follows a repository name (``hf://org/repo@rev``).
-# Quotes end a match too, so the patterns also work inside free text (repr of a URI).
-_USERINFO = re.compile(r"//[^/@\s'\"]*:[^/@\s'\"]*@")
-_USER_ONLY = re.compile(r"(?<!hf:)//[^/@\s:'\"]+@")
-
-
-def redact_uri(uri: str) -> str:
-    """``uri`` with any ``user:password@`` part replaced by ``***:***@`` (``user@``: ``***@``)."""
-    return _USER_ONLY.sub("//***@", _USERINFO.sub("//***:***@", uri))
-
+# The longest file-name component Linux filesystems accept (NAME_MAX, in bytes).
+NAME_MAX = 255
 
 
 def _check_segments(segments: list[str], uri: str) -> None:
     for seg in segments:
         if seg in ("..", "."):
             raise SourceError(
-                f"storage_uri={redact_uri(uri)!r} contains the path segment {seg!r}; paths may "
+                f"storage_uri={redact(uri)!r} contains the path segment {seg!r}; paths may "
                 "not walk out of their repository, bucket or folder. Remove it and give the "
                 "path directly."
             )
 
 
-def parse_storage_uri(uri: str, kind: Kind) -> StorageUri:
+def parse_storage_uri(uri: str | os.PathLike[str], kind: Kind) -> StorageUri:
     """Parse and check a storage URI without touching the network or disk.
 
     Args:
         uri: The URI, e.g. ``hf://tatsu-lab/alpaca/data``, ``s3://bucket/models/llama`` or
-            ``/data/my-model``.
+            ``/data/my-model``; a ``pathlib.Path`` is taken as a local path.
         kind: ``"dataset"`` (a path inside the repo is allowed) or ``"model"``.
 
     Returns:
@@ -101,22 +95,31 @@ def parse_storage_uri(uri: str, kind: Kind) -> StorageUri:
 
     Raises:
         SourceError: The URI is empty, malformed, walks out of its root (``..``), embeds
-            credentials or uses an unsupported scheme.
+            credentials or uses an unsupported scheme. Every echo of it is redacted.
     """
-    if not isinstance(uri, str) or not uri.strip():
+    if isinstance(uri, PurePath):
+        uri = os.fspath(uri)
+    if not isinstance(uri, str):
+        raise SourceError(
+            f"The {kind} storage_uri is {_type_name(uri)}, not text; give one of: {SUPPORTED}."
+        )
+    if not uri.strip():
         raise SourceError(
             f"The {kind} storage_uri is empty ({uri!r}); give one of: {SUPPORTED}."
         )
     text = uri.strip()
-    if _USERINFO.search(text) or _USER_ONLY.search(text):
+    shown = redact(text)
+    if USERINFO.search(text) or USER_ONLY.search(text) or shown != text:
         raise SourceError(
-            f"storage_uri={redact_uri(text)!r} embeds credentials; never put secrets in a URI. "
+            f"storage_uri={shown!r} embeds credentials; never put secrets in a URI. "
             "Store them in a Kubernetes Secret (HF_TOKEN, or AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY for s3://) and remove them from the URI."
         )
-    if _CONTROL.search(text) or re.search(r"\s", text):
+    local = text.startswith(("/", "file://"))
+    # Local paths may hold spaces (a folder named "My Data"); URIs of a service may not.
+    if _CONTROL.search(text) or (not local and re.search(r"\s", text)):
         raise SourceError(
-            f"storage_uri={text!r} contains whitespace, a backslash or a control character; "
+            f"storage_uri={shown!r} contains whitespace, a backslash or a control character; "
             f"write a URI such as {SUPPORTED.split(',')[0]}."
         )
     if text.startswith("hf://"):
@@ -127,7 +130,7 @@ def parse_storage_uri(uri: str, kind: Kind) -> StorageUri:
         rest = text[len("file://") :]
         if not rest.startswith("/"):
             raise SourceError(
-                f"storage_uri={text!r} is not an absolute file URI; write file:///absolute/path "
+                f"storage_uri={shown!r} is not an absolute file URI; write file:///absolute/path "
                 "(three slashes)."
             )
         return _parse_local(rest, text)
@@ -141,18 +144,31 @@ def parse_storage_uri(uri: str, kind: Kind) -> StorageUri:
         if web:
             hint = f" For a Hugging Face repository write hf://{web.group(2)}."
         raise SourceError(
-            f"storage_uri={redact_uri(text)!r} uses the unsupported scheme {scheme!r}; "
+            f"storage_uri={shown!r} uses the unsupported scheme {scheme!r}; "
             f"use one of: {SUPPORTED}.{hint}"
         )
     raise SourceError(
-        f"storage_uri={text!r} is neither a URI nor an absolute path; use one of: {SUPPORTED} "
-        f"(for example hf://{text.lstrip('./~')} if it names a Hugging Face repository)."
+        f"storage_uri={shown!r} is neither a URI nor an absolute path; use one of: {SUPPORTED} "
+        f"(for example hf://{shown.lstrip('./~')} if it names a Hugging Face repository)."
     )
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "None"
+    return f"of type {type(value).__name__} ({redact(repr(value))[:80]})"
 
 
 def _parse_local(path: str, raw: str) -> StorageUri:
     parts = PurePosixPath(path).parts
     _check_segments(list(parts[1:]), raw)
+    for part in parts[1:]:
+        if len(part.encode()) > NAME_MAX:
+            raise SourceError(
+                f"storage_uri={redact(raw)[:120]!r}...: the path component {part[:40]!r}... has "
+                f"{len(part.encode())} bytes, over the file-name limit of {NAME_MAX}; no "
+                "filesystem can hold it. Check the path (a pasted value in the wrong place?)."
+            )
     return StorageUri("file", "", None, str(PurePosixPath(path)), raw)
 
 
@@ -161,18 +177,18 @@ def _parse_s3(text: str) -> StorageUri:
     bucket, _, key = body.partition("/")
     if not bucket:
         raise SourceError(
-            f"storage_uri={text!r} names no bucket; write s3://<bucket>/<prefix>, e.g. "
+            f"storage_uri={redact(text)!r} names no bucket; write s3://<bucket>/<prefix>, e.g. "
             "s3://my-bucket/datasets/alpaca."
         )
     if not _BUCKET.match(bucket) or ".." in bucket:
         raise SourceError(
-            f"storage_uri={text!r}: {bucket!r} is not a valid bucket name (3-63 lowercase "
+            f"storage_uri={redact(text)!r}: {bucket!r} is not a valid bucket name (3-63 lowercase "
             "letters, digits, '.' and '-', starting and ending with a letter or digit)."
         )
     key = key.rstrip("/")
     segments = key.split("/") if key else []
     if any(not seg for seg in segments):
-        raise SourceError(f"storage_uri={text!r} contains an empty path segment ('//').")
+        raise SourceError(f"storage_uri={redact(text)!r} contains an empty path segment ('//').")
     _check_segments(segments, text)
     return StorageUri("s3", "", None, key, text, bucket=bucket)
 
@@ -182,7 +198,7 @@ def _parse_hf(text: str, kind: Kind) -> StorageUri:
     segments = body.split("/") if body else []
     if len(segments) < 2 or not segments[0] or not segments[1]:
         raise SourceError(
-            f"storage_uri={text!r} must name a repository as hf://org/repo"
+            f"storage_uri={redact(text)!r} must name a repository as hf://org/repo"
             + ("[/path/to/dir-or-file]" if kind == "dataset" else "")
             + ", e.g. "
             + ("hf://tatsu-lab/alpaca/data." if kind == "dataset" else "hf://Qwen/Qwen2.5-1.5B.")
@@ -191,7 +207,7 @@ def _parse_hf(text: str, kind: Kind) -> StorageUri:
     revision = None
     if "@" in org:
         raise SourceError(
-            f"storage_uri={text!r}: the revision goes after the repository name, as "
+            f"storage_uri={redact(text)!r}: the revision goes after the repository name, as "
             "hf://org/repo@<revision>/path."
         )
     if "@" in repo:
@@ -199,23 +215,23 @@ def _parse_hf(text: str, kind: Kind) -> StorageUri:
         revision = unquote(raw_revision)
         if not revision or not _REVISION.match(revision) or ".." in revision:
             raise SourceError(
-                f"storage_uri={text!r} has an invalid revision {raw_revision!r}; write "
+                f"storage_uri={redact(text)!r} has an invalid revision {raw_revision!r}; write "
                 "hf://org/repo@<branch|tag|commit>/path (encode '/' in a revision as %2F, e.g. "
                 "@refs%2Fpr%2F1)."
             )
     for name in (org, repo):
         if not _HF_NAME.match(name) or ".." in name:
             raise SourceError(
-                f"storage_uri={text!r}: {name!r} is not a valid Hugging Face name (letters, "
-                "digits, '-', '_' and '.', starting with a letter or digit)."
+                f"storage_uri={redact(text)!r}: {name!r} is not a valid Hugging Face name "
+                "(letters, digits, '-', '_' and '.', starting with a letter or digit)."
             )
     rest = segments[2:]
     if any(not seg for seg in rest):
-        raise SourceError(f"storage_uri={text!r} contains an empty path segment ('//').")
+        raise SourceError(f"storage_uri={redact(text)!r} contains an empty path segment ('//').")
     _check_segments(rest, text)
     if kind == "model" and rest:
         raise SourceError(
-            f"storage_uri={text!r}: a model URI names a whole repository (hf://org/repo); "
+            f"storage_uri={redact(text)!r}: a model URI names a whole repository (hf://org/repo); "
             f"drop the path {'/'.join(rest)!r}."
         )
     return StorageUri("hf", f"{org}/{repo}", revision, "/".join(rest), text)
