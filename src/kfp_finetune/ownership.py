@@ -85,7 +85,8 @@ def adoptable(root: Path) -> bool:
     and for an older version's workspace.
     """
     names = {p.name for p in root.iterdir()} - _FRESH_VOLUME
-    names = {n for n in names if not n.startswith(".kfp-finetune")}
+    # Our own lock and marker files (and a marker being written by a parallel step).
+    names = {n for n in names if not n.lstrip(".").startswith("kfp-finetune")}
     return not names or _older_workspace(root, names)
 
 

@@ -53,11 +53,12 @@ class Workspace:
     root: Path
 
     @classmethod
-    def at(cls, root: str | Path) -> Workspace:
+    def at(cls, root: str | Path, adopt: bool = True) -> Workspace:
         """The workspace at ``root``, created if needed.
 
         An empty (or new) folder is adopted: the marker file ``.kfp-finetune-workspace.json``
-        is written into it. A non-empty folder that is not a workspace is refused.
+        is written into it (unless ``adopt`` is False: check only). A non-empty folder that
+        is not a workspace is refused.
 
         Raises:
             WorkspaceError: ``root`` is empty, the filesystem root, a folder kfp-finetune did
@@ -77,7 +78,7 @@ class Workspace:
                 "writable folder with --workspace."
             )
         refuse_foreign(path)
-        if not (path / WORKSPACE_MARKER).is_file():
+        if adopt and not (path / WORKSPACE_MARKER).is_file():
             write_json_atomic(path / WORKSPACE_MARKER, marker_content())
         return cls(path)
 
