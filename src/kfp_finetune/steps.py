@@ -79,9 +79,9 @@ def _initialize(
     A folder whose manifest records the same source, options and (remote) version, and whose
     files still have their recorded content, is kept without any request for file content.
     A folder that kfp-finetune did not write (no manifest) is refused, never replaced.
-    Otherwise the files go to a staging folder named
-    after the source (so an interrupted run resumes there), the manifest is written last and
-    the staging folder replaces ``folder`` in one rename.
+    Otherwise the files go to a staging folder named after the source (so an interrupted run
+    resumes there), the manifest is written last and the staging folder replaces ``folder``
+    in one rename.
     """
     start = time.monotonic()
     opts = options or FetchOptions(kind=kind)
@@ -89,8 +89,13 @@ def _initialize(
     key = digest([uri.describe(), opts.fingerprint()])
     manifest = read_manifest(folder)
     ensure_owned(folder)  # before any download: a user's own model/ or dataset/ stays
-    if manifest is not None and manifest.get("source") == uri.describe() \
-            and manifest.get("fetch_key") == key and _files_intact(folder, manifest):
+    same = manifest is not None and manifest.get("source") == uri.describe() \
+        and manifest.get("fetch_key") == key
+    if same and not _files_intact(folder, manifest or {}):
+        log(f"[{kind}] a file in {folder} was changed or removed since it was fetched; "
+            "fetching it again.")
+    elif same:
+        assert manifest is not None
         current = remote_version(uri, kind, policy, log)
         if current is None or current == manifest.get("version"):
             files = manifest.get("files", [])
