@@ -17,6 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from kfp_finetune import (
+    HuggingFaceDatasetInitializer,
+    HuggingFaceModelInitializer,
+    Initializer,
+    train,
+)
 from kfp_finetune.cli import main as cli_main
 from kfp_finetune.completion import planned_steps
 from kfp_finetune.errors import TrainingError, WorkspaceError
@@ -102,6 +108,9 @@ def test_an_empty_workspace_path_is_refused_and_the_current_directory_is_untouch
         lambda: initialize_model("  ", str(tiny["llama3_2"]), RUNTIME, CONFIG, quiet),
         lambda: run_fine_tune("", RUNTIME, CONFIG, quiet),
         lambda: export_model("", RUNTIME, run_id="r1", log=quiet),
+        lambda: train(RUNTIME, Initializer(
+            dataset=HuggingFaceDatasetInitializer(storage_uri=f"file://{tiny['alpaca']}/data"),
+            model=HuggingFaceModelInitializer(storage_uri=str(tiny["llama3_2"]))), workspace=""),
     ):
         with pytest.raises(WorkspaceError, match=r"workspace='\s*' names no folder.*--workspace"):
             call()

@@ -36,6 +36,7 @@ from kfp_finetune.completion import (
     inputs_fingerprint,
     no_steps_message,
     prepare_output,
+    resumable_epochs,  # noqa: F401 - public before it moved to completion.py
 )
 from kfp_finetune.content import dataset_cache
 from kfp_finetune.dataset_plan import DatasetPlan, plan_dataset
