@@ -87,30 +87,10 @@ def _initialize(
     opts = options or FetchOptions(kind=kind)
     policy = retry or RetryPolicy.from_env()
     key = digest([uri.describe(), opts.fingerprint()])
-    manifest = read_manifest(folder)
     ensure_owned(folder)  # before any download: a user's own model/ or dataset/ stays
-    same = manifest is not None and manifest.get("source") == uri.describe() \
-        and manifest.get("fetch_key") == key
-    if same and not _files_intact(folder, manifest or {}):
-        log(f"[{kind}] a file in {folder} was changed or removed since it was fetched; "
-            "fetching it again.")
-    elif same:
-        assert manifest is not None
-        current = remote_version(uri, kind, policy, log)
-        if current is None or current == manifest.get("version"):
-            files = manifest.get("files", [])
-            seconds = round(time.monotonic() - start, 3)
-            log(f"[{kind}] {uri.describe()} is already complete in {folder} "
-                f"(revision {manifest.get('revision') or manifest.get('version')}); skipping "
-                "the download.")
-            return FetchSummary(
-                uri.describe(), len(files), sum(f["bytes"] for f in files), seconds, True,
-                str(manifest.get("revision") or manifest.get("version") or ""),
-            )
-        log(f"[{kind}] {uri.describe()} changed since it was fetched; fetching it again.")
-    elif manifest is not None:
-        log(f"[{kind}] {folder} holds {manifest.get('source')!r}; replacing it with "
-            f"{uri.describe()}.")
+    done = _complete_copy(uri, folder, kind, key, policy, log, start)
+    if done is not None:
+        return done
     log(f"[{kind}] fetching {uri.describe()} into {folder}")
     staging_root = ws.root / ".staging"
     locks = staging_root / ".locks"
@@ -153,6 +133,38 @@ def _initialize(
         + (f", revision {result.revision}" if result.revision else ""))
     return FetchSummary(uri.describe(), len(result.files), total, seconds, False,
                         str(result.revision or result.version or ""))
+
+
+def _complete_copy(
+    uri: StorageUri, folder: Path, kind: str, key: str, policy: RetryPolicy, log: Log,
+    start: float,
+) -> FetchSummary | None:
+    """The summary of a finished copy of ``uri`` in ``folder`` to keep, or None to fetch.
+
+    Kept when the manifest records the same source and options, every file still has its
+    recorded size and content, and the source's version (metadata only) is unchanged.
+    """
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return None
+    if manifest.get("source") != uri.describe() or manifest.get("fetch_key") != key:
+        log(f"[{kind}] {folder} holds {manifest.get('source')!r}; replacing it with "
+            f"{uri.describe()}.")
+        return None
+    if not _files_intact(folder, manifest):
+        log(f"[{kind}] a file in {folder} was changed or removed since it was fetched; "
+            "fetching it again.")
+        return None
+    current = remote_version(uri, kind, policy, log)
+    if current is not None and current != manifest.get("version"):
+        log(f"[{kind}] {uri.describe()} changed since it was fetched; fetching it again.")
+        return None
+    files = manifest.get("files", [])
+    revision = manifest.get("revision") or manifest.get("version")
+    log(f"[{kind}] {uri.describe()} is already complete in {folder} (revision {revision}); "
+        "skipping the download.")
+    return FetchSummary(uri.describe(), len(files), sum(f["bytes"] for f in files),
+                        round(time.monotonic() - start, 3), True, str(revision or ""))
 
 
 def _files_intact(folder: Path, manifest: dict[str, Any]) -> bool:
