@@ -86,14 +86,22 @@ def versions() -> dict[str, str]:
 
 
 def versions_short() -> str:
-    """``torch 2.x, torchtune 0.6.1, ...`` for a table row."""
+    """``torch 2.x, torchtune 0.6.1, ..., commit abc1234`` for a table row."""
     v = versions()
     keys = ["torch", "cuda", "torchtune", "kfp"]
-    return ", ".join(f"{k} {v[k]}" for k in keys if k in v)
+    return ", ".join(f"{k} {v[k]}" for k in keys if k in v) + f", commit {git_rev()}"
+
+
+COMMIT_FILE = ".whl/COMMIT"
 
 
 def git_rev() -> str:
-    """Short commit of the working tree, with ``+dirty`` when it has changes."""
+    """Short commit of the working tree, with ``+dirty`` when it has changes.
+
+    Where the tree is a copy without ``.git`` (the device machine), the commit comes from
+    ``$KFP_FINETUNE_COMMIT`` or from ``.whl/COMMIT``, written by ``bench/prepare_wheels.sh``
+    when it packed the wheels; ``-`` when none is known.
+    """
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
                              capture_output=True, check=True).stdout.strip()
@@ -101,7 +109,26 @@ def git_rev() -> str:
                                cwd=REPO, text=True, capture_output=True).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
+        pass
+    if os.environ.get("KFP_FINETUNE_COMMIT"):
+        return os.environ["KFP_FINETUNE_COMMIT"]
+    try:
+        return (REPO / COMMIT_FILE).read_text().strip() or "-"
+    except OSError:
         return "-"
+
+
+def stamp(device: str = "cpu") -> dict[str, str]:
+    """What every result row carries: commit, device, machine, versions, load."""
+    v = versions()
+    return {
+        "commit": git_rev(),
+        "device": (gpu_name() or "GPU?") if device.startswith("cuda") else "cpu",
+        "machine": machine(device),
+        "torch": v.get("torch", "-"), "cuda": v.get("cuda", "-"),
+        "torchtune": v.get("torchtune", "-"), "torchao": v.get("torchao", "-"),
+        "python": v.get("python", "-"), "load": load_average(),
+    }
 
 
 def load_average() -> str:

@@ -32,7 +32,7 @@ from typing import Any
 from kfp_finetune import finetune, steps
 from kfp_finetune.runtimes import get_runtime
 from kfp_finetune.tune_config import base_config_path, resolve
-from kfp_finetune.types import TorchTuneConfig, TorchTuneInstructDataset
+from kfp_finetune.types import LoraConfig, TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.workspace import Workspace
 
 
@@ -55,8 +55,9 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _train_config(gpus: int | None) -> TorchTuneConfig:
-    return TorchTuneConfig(resources_per_node=None if gpus is None else {"gpu": gpus})
+def _train_config(gpus: int | None, peft: LoraConfig | None = None) -> TorchTuneConfig:
+    return TorchTuneConfig(resources_per_node=None if gpus is None else {"gpu": gpus},
+                           peft_config=peft)
 
 
 def fill_workspace(ws: Path, model_dir: Path, dataset_dir: Path, runtime: str,
@@ -68,20 +69,37 @@ def fill_workspace(ws: Path, model_dir: Path, dataset_dir: Path, runtime: str,
     return Workspace.at(ws)
 
 
-def ours(ws: Workspace, runtime_name: str, gpus: int | None = None) -> RunConfig:
-    """Our pipeline's config for this workspace, rendered by the project's own code."""
+def ours(ws: Workspace, runtime_name: str, gpus: int | None = None,
+         peft: LoraConfig | None = None, gpu_memory_gib: float | None = None) -> RunConfig:
+    """Our pipeline's config for this workspace, rendered by the project's own code.
+
+    Args:
+        ws: Workspace filled by ``fill_workspace``.
+        runtime_name: Our runtime.
+        gpus: GPU count (None: the runtime's default).
+        peft: LoRA settings for a LoRA run (``LoraConfig()``: the Kubeflow defaults).
+        gpu_memory_gib: Card memory for the runtime's memory rules, as the fine-tune step
+            reads it (``tune_config.detect_gpu_memory_gib``); None keeps the config's values.
+    """
     runtime = get_runtime(runtime_name)
-    resolved = resolve(runtime, _train_config(gpus))
+    resolved = resolve(runtime, _train_config(gpus, peft), gpu_memory_gib=gpu_memory_gib)
     choice, conf = finetune.prepare_training(ws, runtime, resolved, TorchTuneInstructDataset())
-    return RunConfig("ours", choice.recipe, choice.nproc, conf)
+    return RunConfig("ours-lora" if peft else "ours", choice.recipe, choice.nproc, conf)
 
 
 def anchor(ws: Workspace, runtime_name: str, anchor_config: str, device: str,
-           tiny: bool, ours_conf: dict[str, Any]) -> RunConfig:
-    """Kubeflow Trainer's config for the same model and data (see the module docstring)."""
+           tiny: bool, ours_conf: dict[str, Any], lora: bool = False) -> RunConfig:
+    """Kubeflow Trainer's config for the same model and data (see the module docstring).
+
+    With ``lora``, what Kubeflow Trainer runs for a ``LoraConfig`` on one GPU (its table:
+    n=1, g=1 -> ``lora_finetune_single_device`` with ``<size>_lora_single_device``), same
+    manifest overrides.
+    """
     from omegaconf import OmegaConf
 
     runtime = get_runtime(runtime_name)
+    if lora:
+        anchor_config = anchor_config.replace("_full", "_lora_single_device")
     conf = OmegaConf.to_container(OmegaConf.load(base_config_path(anchor_config)))
     assert isinstance(conf, dict)
     model_dir = ws.model_dir
@@ -102,9 +120,15 @@ def anchor(ws: Workspace, runtime_name: str, anchor_config: str, device: str,
             conf["tokenizer"]["special_tokens_path"] = special
         conf["checkpointer"]["checkpoint_files"] = list(
             ours_conf["checkpointer"]["checkpoint_files"])
-    recipe, nproc = "full_finetune_distributed", 1
+    elif lora:
+        # The same adapters as ours (Kubeflow Trainer passes the LoraConfig's fields as
+        # overrides too).
+        conf["model"] = {**conf["model"], **{
+            k: copy.deepcopy(v) for k, v in ours_conf["model"].items()
+            if k.startswith(("lora_", "apply_lora", "use_dora"))}}
+    recipe, nproc = ("lora_finetune_single_device" if lora else "full_finetune_distributed"), 1
     if device == "cpu":
-        recipe = "full_finetune_single_device"
+        recipe = "lora_finetune_single_device" if lora else "full_finetune_single_device"
         conf.update(device="cpu", dtype=ours_conf["dtype"], log_peak_memory_stats=False)
         if "profiler" in conf:
             conf["profiler"] = {**conf["profiler"], "enabled": False, "cuda": False}
@@ -124,6 +148,8 @@ def for_bench(run: RunConfig, out_dir: Path, warmup: int, steps_: int, seed: int
                        "log_dir": str(out_dir / "logs"), "filename": "metrics.txt"},
     )
     conf["checkpointer"] = {**conf["checkpointer"], "output_dir": str(out_dir)}
+    # Per-step peak memory in the metric log: the worker reads the run's true peak from it.
+    conf["log_peak_memory_stats"] = conf.get("device") == "cuda"
     if "profiler" in conf:
         conf["profiler"] = {**conf["profiler"], "enabled": False}
     for dotted, value in (overrides or {}).items():

@@ -5,11 +5,15 @@ Builds random-weight checkpoints of the real Llama-3.2-1B and Qwen2.5-1.5B shape
 ``qwen2_tune_to_hf``, bf16 safetensors + config.json, synthetic tokenizer files: see
 ``bench/synth.py``) and synthetic alpaca-length data, runs our defaults and the anchor for the
 same number of optimizer steps on each model (``bench/throughput.py``), then the sequence
-length x batch size grid of our defaults on Llama-3.2-1B (``bench/scaling.py``). Prints JSON
-lines, appends rows to BENCHMARKS.md and ends with a check of the targets (>= 2x the anchor's
-trainable tokens/s on Llama-3.2-1B, >= 35 % MFU).
+length x batch size grid of our defaults on Llama-3.2-1B (``bench/scaling.py``, one process per
+point). Prints JSON lines, appends rows to BENCHMARKS.md and ends with a check of the targets
+(>= 3x the anchor's trainable tokens/s on Llama-3.2-1B, >= 45 % MFU).
 
-    python bench/gpu_throughput.py                        # one GPU: ~8-10 min on an H100
+This is the long benchmark; it has never been timed on a GPU (two models, a 16-point grid with
+a compile per point: well over a 15-minute device allowance). For a check that fits one, use
+``bench/gpu_check.sh`` (under 8 minutes, see bench/README.md).
+
+    python bench/gpu_throughput.py                        # one GPU, long (untimed)
     python bench/gpu_throughput.py --device cpu --tiny    # the same, end to end, tiny models, CPU
 """
 
@@ -67,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         checks.append({
             "benchmark": "gpu-targets", "model": name, "device": args.device,
             "ratio_vs_anchor": s["ours"]["ratio_vs_anchor"],
-            "ratio_target_2x_met": (s["ours"]["ratio_vs_anchor"] >= 2.0
+            "ratio_target_3x_met": (s["ours"]["ratio_vs_anchor"] >= 3.0
                                     if "llama" in name else None),
             "ours_mfu": mfu if mfu == mfu else None,
-            "mfu_target_35pct_met": (mfu >= 0.35) if mfu == mfu else None,
+            "mfu_target_45pct_met": (mfu >= 0.45) if mfu == mfu else None,
         })
     if not args.skip_scaling:
         batch_sizes = args.batch_sizes or ("1" if cpu else "1,2,4,8")

@@ -60,76 +60,141 @@ def prepare(spec: synth.ModelSpec, work: Path, rows: int, device: str) -> Inputs
     return Inputs(spec, model_dir, dataset_dir, ws, gpus)
 
 
-def ours_and_anchor(inputs: Inputs, device: str) -> tuple[configs.RunConfig, configs.RunConfig]:
-    """Our rendered config and the anchor's, for the same workspace."""
-    ours = configs.ours(inputs.ws, inputs.spec.runtime, inputs.gpus)
+def card_memory_gib(device: str) -> float | None:
+    """The card memory the fine-tune step would read on this machine (None on CPU)."""
+    if device != "cuda":
+        return None
+    from kfp_finetune.gpu_defaults import detect_gpu_memory_gib
+
+    return detect_gpu_memory_gib()
+
+
+def ours_and_anchor(inputs: Inputs, device: str,
+                    lora: bool = False) -> tuple[configs.RunConfig, configs.RunConfig]:
+    """Our rendered config and the anchor's, for the same workspace (LoRA: both LoRA)."""
+    from kfp_finetune.types import LoraConfig
+
+    ours = configs.ours(inputs.ws, inputs.spec.runtime, inputs.gpus,
+                        peft=LoraConfig() if lora else None,
+                        gpu_memory_gib=card_memory_gib(device))
     anchor = configs.anchor(inputs.ws, inputs.spec.runtime, inputs.spec.anchor_config, device,
-                            inputs.spec.tiny, ours.conf)
+                            inputs.spec.tiny, ours.conf, lora=lora)
     return ours, anchor
 
 
 def launch(
-    runs: list[tuple[str, configs.RunConfig, dict[str, Any]]],
+    name: str,
+    run: configs.RunConfig,
     out_dir: Path,
     warmup: int,
     steps: int,
+    overrides: dict[str, Any] | None = None,
     timeout: float | None = None,
-) -> list[dict[str, Any]]:
-    """Run configs in one worker process (same recipe and launcher for all) and return results.
+) -> dict[str, Any]:
+    """Run one config in a fresh worker process and return its result.
+
+    One process per run: flex attention is compiled per batch shape and torch._dynamo stops
+    recompiling after 8 shapes (then runs eager), and the CUDA allocator's peak counters and
+    cached blocks would carry over from one run to the next.
 
     Args:
-        runs: ``(name, run config, dotted-key overrides)``.
-        out_dir: Scratch folder for configs, logs and outputs.
+        name: Run name (result ``name``, config file name).
+        run: Config and recipe.
+        out_dir: Scratch folder for the config, the log and the outputs.
         warmup: Optimizer steps before the measured window.
         steps: Measured optimizer steps.
-        timeout: Seconds before the worker is killed.
+        overrides: Dotted-key overrides on top of ``run.conf``.
+        timeout: Seconds before the worker is killed (the result then says so).
     """
     from omegaconf import OmegaConf
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = []
-    for name, run, overrides in runs:
-        conf = configs.for_bench(run, out_dir / name, warmup, steps, overrides=overrides)
-        path = out_dir / f"{name}.yaml"
-        OmegaConf.save(OmegaConf.create(conf), path)
-        jobs.append({"name": name, "recipe": run.recipe, "config": str(path)})
-    first = runs[0][1]
-    assert all(r.recipe == first.recipe and r.nproc == first.nproc for _, r, _ in runs)
-    job_file = out_dir / "job.json"
-    result_file = out_dir / "results.json"
+    conf = configs.for_bench(run, out_dir / name, warmup, steps, overrides=overrides)
+    path = out_dir / f"{name}.yaml"
+    OmegaConf.save(OmegaConf.create(conf), path)
+    job_file = out_dir / f"{name}.job.json"
+    result_file = out_dir / f"{name}.result.json"
     result_file.unlink(missing_ok=True)
-    job_file.write_text(json.dumps({"jobs": jobs, "warmup": warmup, "out": str(result_file)}))
+    job_file.write_text(json.dumps({"jobs": [{"name": name, "recipe": run.recipe,
+                                              "config": str(path)}],
+                                    "warmup": warmup, "out": str(result_file)}))
     worker = str(common.BENCH / "_worker.py")
-    if first.distributed:
+    if run.distributed:
         argv = [common.PYTHON, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node", str(first.nproc), worker, str(job_file)]
+                "--nproc_per_node", str(run.nproc), worker, str(job_file)]
     else:
         argv = [common.PYTHON, worker, str(job_file)]
-    code, wall, _ = common.run_logged(argv, out_dir / "worker.log", cwd=common.REPO,
-                                      timeout=timeout)
+    log_path = out_dir / f"{name}.log"
+    code, wall, _ = common.run_logged(argv, log_path, cwd=common.REPO, timeout=timeout)
     results = json.loads(result_file.read_text()) if result_file.exists() else []
-    done = {r["name"] for r in results}
-    for name, _, _ in runs:
-        if name not in done:
-            results.append({"name": name, "error": f"worker exited with code {code}; see "
-                                                   f"{out_dir / 'worker.log'}"})
-    for r in results:
-        r["process_wall_s"] = round(wall, 2)
-    return results
+    if results:
+        result = results[0]
+    elif timeout is not None and wall > timeout:
+        result = {"name": name, "error": f"timed out after {timeout:.0f} s (its phase budget); "
+                                         f"see {log_path}"}
+    else:
+        result = {"name": name, "error": f"worker exited with code {code}; see {log_path}"}
+    result["process_wall_s"] = round(wall, 2)
+    return result
 
 
-def mfu(result: dict[str, Any], peak: float | None) -> float | None:
-    """6·N·(real tokens/s) / peak, per GPU (None without a peak or on CPU)."""
-    if not peak or "real_tokens_per_s" not in result:
+def flops_per_token(result: dict[str, Any]) -> float | None:
+    """Model FLOPs per trained token, attention excluded.
+
+    2N forward + 2N backward through the activations + 2 x trainable parameters for the
+    weight gradients. Full fine-tuning: 6N. LoRA: frozen weights get no weight gradient, so
+    ~4N (+ 2 x the adapters' few parameters). N = all parameters, the tied embedding once (it
+    is also the output projection's matmul).
+    """
+    if "params" not in result:
         return None
-    per_gpu = result["real_tokens_per_s"] / max(1, int(result.get("world_size", 1)))
-    return 6 * result["params"] * per_gpu / peak
+    n = result["params"]
+    return 4 * n + 2 * result.get("trainable_params", n)
+
+
+def attention_flops_per_s(result: dict[str, Any]) -> float | None:
+    """Attention score and value matmuls, forward + backward, per second.
+
+    Per layer, a query attending to k keys costs 2kd (QK^T) + 2kd (AV) forward and twice that
+    backward: 12·d·k, d = heads x head_dim. k is counted from the data (causal, within each
+    packed sample): ``attended_keys_per_s`` = sum over real tokens of (position in sample + 1).
+    """
+    if not all(k in result for k in ("layers", "attention_dim", "attended_keys_per_s")):
+        return None
+    return 12 * result["layers"] * result["attention_dim"] * result["attended_keys_per_s"]
+
+
+def mfu(result: dict[str, Any], peak: float | None,
+        with_attention: bool = False) -> float | None:
+    """Model FLOPs utilisation of one GPU (None without a peak or on CPU).
+
+    The worker counts the tokens of its own rank, so ``real_tokens_per_s`` is already per GPU.
+    """
+    per_token = flops_per_token(result)
+    if not peak or per_token is None or "real_tokens_per_s" not in result:
+        return None
+    flops = per_token * result["real_tokens_per_s"]
+    if with_attention:
+        attention = attention_flops_per_s(result)
+        if attention is None:
+            return None
+        flops += attention
+    return flops / peak
+
+
+def add_mfu(result: dict[str, Any], peak_tflops: float | None = None) -> None:
+    """Set ``mfu`` (model FLOPs: 6N full / ~4N LoRA) and ``mfu_with_attention`` in place."""
+    peak = peak_flops(result.get("gpu"), peak_tflops)
+    result["flops_per_token"] = flops_per_token(result)
+    result["mfu"] = mfu(result, peak)
+    result["mfu_with_attention"] = mfu(result, peak, with_attention=True)
 
 
 def memory_text(result: dict[str, Any]) -> str:
-    """Peak memory for a table cell: GPU allocated/reserved, or CPU peak RSS."""
+    """Peak memory for a table cell: GPU allocated/reserved (per-step peak), or CPU peak RSS."""
     if "peak_allocated_gib" in result:
-        return f"{result['peak_allocated_gib']:.1f} / {result['peak_reserved_gib']:.1f} GiB"
+        return (f"{result['peak_allocated_gib']:.1f} / {result['peak_reserved_gib']:.1f} GiB "
+                "alloc/reserved")
     if "peak_rss_mib" in result:
         return f"{result['peak_rss_mib']:,.0f} MiB RSS"
     return "-"

@@ -2,9 +2,9 @@
 
 Our rendered config (from the real steps, so the current defaults) with only
 ``tokenizer.max_seq_len`` and ``batch_size`` changed, and packing on (so a batch holds
-``batch_size x max_seq_len`` positions and the sequence length really varies). All grid points
-run in one worker process, smallest batch first; one JSON line per point, one BENCHMARKS.md
-row per point (our default point is marked).
+``batch_size x max_seq_len`` positions and the sequence length really varies). Every grid point
+runs in its own worker process, smallest batch first; one JSON line per point, one BENCHMARKS.md
+row per point (our default point is marked). Each point runs in its own worker process.
 
     python bench/scaling.py                         # CPU, tiny Llama 3.2 (~4-6 min, 2 cores)
     python bench/scaling.py --device cuda --model llama3.2-1b --batch-sizes 1,2,4,8,16
@@ -29,8 +29,9 @@ INTRO = """
 Our rendered config with `dataset.packed=True`, `tokenizer.max_seq_len=L` and `batch_size=B`
 changed, everything else as our defaults have it; ★ marks the point our defaults use (when
 they pack). Same synthetic alpaca-length data as the throughput table; trainable/total tokens,
-window, memory and MFU are defined there. On CPU the grid points share one process, so peak RSS
-includes what earlier (smaller) points left allocated; GPU peaks are reset per point.
+window, memory and MFU are defined there. Each grid point runs in its own process (flex
+attention recompiles per shape and torch._dynamo stops after 8 recompiles; peaks and caches
+must not carry over).
 """
 HEADER = ["date", "machine", "versions", "command", "model", "max_seq_len", "batch", "steps",
           "trainable tok/s", "total tok/s", "padding", "peak memory", "MFU", "load"]
@@ -43,20 +44,22 @@ def grid(
 ) -> list[dict[str, Any]]:
     """Run the grid and emit/record one row per point."""
     inputs = harness.prepare(spec, work, rows, device)
-    ours = configs.ours(inputs.ws, spec.runtime, inputs.gpus)
+    ours = configs.ours(inputs.ws, spec.runtime, inputs.gpus,
+                        gpu_memory_gib=harness.card_memory_gib(device))
     default_len = ours.conf.get("tokenizer", {}).get("max_seq_len")
     default_bs = ours.conf.get("batch_size")
     default_packed = bool(ours.conf.get("dataset", {}).get("packed"))
     points = sorted(((s, b) for s in seq_lens for b in batch_sizes), key=lambda p: p[0] * p[1])
-    runs = [
-        (f"L{seq}-B{bs}", ours,
-         {"dataset.packed": True, "tokenizer.max_seq_len": seq, "batch_size": bs})
+    common.log(f"scaling grid of {len(points)} points on {device}, one process each; our "
+               f"default: packed={default_packed} max_seq_len={default_len} "
+               f"batch_size={default_bs}")
+    out = work / "runs" / f"scaling-{spec.name}-{device}"
+    results = [
+        harness.launch(f"L{seq}-B{bs}", ours, out, warmup, steps, timeout=timeout,
+                       overrides={"dataset.packed": True, "tokenizer.max_seq_len": seq,
+                                  "batch_size": bs})
         for seq, bs in points
     ]
-    common.log(f"scaling grid of {len(runs)} points on {device}; our default: "
-               f"packed={default_packed} max_seq_len={default_len} batch_size={default_bs}")
-    out = work / "runs" / f"scaling-{spec.name}-{device}"
-    results = harness.launch(runs, out, warmup, steps, timeout=timeout)
     by_name = {r["name"]: r for r in results}
     today = datetime.date.today().isoformat()
     for seq, bs in points:
@@ -65,7 +68,8 @@ def grid(
                  is_default=default_packed and seq == default_len and bs == default_bs,
                  default={"packed": default_packed, "max_seq_len": default_len,
                           "batch_size": default_bs})
-        r["mfu"] = harness.mfu(r, harness.peak_flops(r.get("gpu"), peak_tflops))
+        r.update(common.stamp(device))
+        harness.add_mfu(r, peak_tflops)
         common.emit(r)
         if not record:
             continue

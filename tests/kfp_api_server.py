@@ -1,9 +1,10 @@
 """A stand-in for the KFP API server on 127.0.0.1 that records the calls it receives.
 
 It answers the v2beta1 REST endpoints that ``kfp.Client`` uses to upload pipelines and
-versions, find and create experiments, start runs, create recurring runs and read a run's
-state, with the JSON shapes of ``kfp_server_api``; it keeps what was created in memory so a
-second submission sees the first one's pipeline. Nothing is executed.
+versions, report the backend's release (healthz), find and create experiments, start runs,
+create recurring runs and read a run's state, with the JSON shapes of ``kfp_server_api``; it
+keeps what was created in memory so a second submission sees the first one's pipeline. Nothing
+is executed.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class State:
     recurring_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     # States a GET of a run reports, one per GET; the last one repeats.
     run_states: list[str] = field(default_factory=lambda: ["SUCCEEDED"])
+    # What healthz reports as the backend's release (the API server's TAG_NAME; "unknown"
+    # when unset, as backend/src/apiserver/main.go newHealthzResponse does).
+    tag_name: str = "2.17.0"
 
 
 def _filter_name(query: dict[str, str]) -> str | None:
@@ -150,7 +154,9 @@ class FakeKfpApi:
             return 404, {"error": f"unknown path {path}"}
         path = path[len(PREFIX):]
         if call.method == "GET" and path == "/healthz":
-            return 200, {"multi_user": False}
+            # The JSON of backend/src/apiserver/main.go healthzResponse (2.17.0).
+            return 200, {"commit_sha": "0123abc", "tag_name": s.tag_name, "multi_user": False,
+                         "pipeline_store": "database"}
         if call.method == "GET" and path == "/pipelines":
             name = _filter_name(q)
             found = [p for p in s.pipelines.values() if name is None or p["display_name"] == name]
@@ -203,3 +209,55 @@ class FakeKfpApi:
             s.recurring_runs[rr["recurring_run_id"]] = rr
             return 200, rr
         return 404, {"error": f"no fake for {call.method} {call.path}"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs as the TrainerClient's cluster backend sees them (tests/test_trainer_client_kfp.py):
+# listing and reading runs with their task details as stored (no scripted states), terminating
+# and deleting runs, reading a pipeline, listing and deleting recurring runs.
+
+
+class LiveKfpApi(FakeKfpApi):
+    """``FakeKfpApi`` whose runs keep the state and tasks a test gives them (:meth:`set_run`)."""
+
+    def set_run(self, run_id: str, state: str, tasks: dict[str, str] | None = None,
+                error: str | None = None) -> None:
+        """Set a run's state, its tasks (Argo node display name -> state) and its error."""
+        with self._lock:
+            run = self.state.runs[run_id]
+            run["state"] = state
+            run["state_history"] = [{"update_time": NOW, "state": state}]
+            run["run_details"] = {"task_details": [
+                {"run_id": run_id, "task_id": str(uuid.uuid4()), "display_name": name,
+                 "state": task_state} for name, task_state in (tasks or {}).items()]}
+            if error:
+                run["error"] = {"code": 9, "message": error}
+
+    def route(self, call: Call) -> tuple[int, Any]:
+        """Answer the run, pipeline and recurring-run reads; the rest as FakeKfpApi does."""
+        s, path = self.state, call.path[len(PREFIX):]
+        if call.method == "GET" and path == "/runs":
+            name = _filter_name(call.query)
+            found = [r for r in s.runs.values() if name is None or r["display_name"] == name]
+            return 200, ({"runs": found, "total_size": len(found)} if found else {})
+        m = re.fullmatch(r"/runs/([^/:]+)(:terminate)?", path)
+        if m and m.group(1) not in s.runs:
+            return 404, {"error": "run not found"}
+        if call.method == "GET" and m and not m.group(2):
+            return 200, s.runs[m.group(1)]
+        if call.method == "POST" and m and m.group(2):
+            s.runs[m.group(1)]["state"] = "CANCELED"
+            return 200, {}
+        if call.method == "DELETE" and m and not m.group(2):
+            del s.runs[m.group(1)]
+            return 200, {}
+        m = re.fullmatch(r"/pipelines/([^/]+)", path)
+        if call.method == "GET" and m and m.group(1) in s.pipelines:
+            return 200, s.pipelines[m.group(1)]
+        if call.method == "GET" and path == "/recurringruns":
+            found = list(s.recurring_runs.values())
+            return 200, ({"recurringRuns": found, "total_size": len(found)} if found else {})
+        m = re.fullmatch(r"/recurringruns/([^/]+)", path)
+        if call.method == "DELETE" and m:
+            return (200, {}) if s.recurring_runs.pop(m.group(1), None) else (404, {})
+        return super().route(call)

@@ -93,15 +93,27 @@ def _component(name: str, **kw: object) -> Callable[..., object]:
     return call
 
 
+CliArgs = Callable[[dict[str, Path], dict[str, Path]], list[str]]
+
+
+def _in_task(call: Callable[..., object], argv: CliArgs) -> Callable[..., object]:
+    call.cli = argv  # type: ignore[attr-defined]  # the same bad input through `run --local`
+    return call
+
+
 def _dataset(folder: str, **kw: object) -> Callable[..., object]:
-    return lambda ws, tiny, bad: initialize_dataset(
-        ws, str(bad[folder]), TorchTuneInstructDataset(**kw), lambda _: None)
+    flags = [a for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    return _in_task(lambda ws, tiny, bad: initialize_dataset(
+        ws, str(bad[folder]), TorchTuneInstructDataset(**kw), lambda _: None),
+        lambda tiny, bad: ["--dataset-uri", str(bad[folder]), *flags])
 
 
 def _model(folder: str, runtime: str = RUNTIME) -> Callable[..., object]:
-    return lambda ws, tiny, bad: initialize_model(
+    return _in_task(lambda ws, tiny, bad: initialize_model(
         ws, str(bad[folder] if folder in bad else tiny[folder]), runtime, TorchTuneConfig(),
-        lambda _: None)
+        lambda _: None),
+        lambda tiny, bad: ["--runtime", runtime,
+                           "--model-uri", str(bad[folder] if folder in bad else tiny[folder])])
 
 
 def _preflight(folder: str, max_seq_len: int) -> Callable[..., object]:
@@ -118,7 +130,8 @@ def _preflight(folder: str, max_seq_len: int) -> Callable[..., object]:
         _, conf = prepare_training(Workspace.at(ws), runtime, resolve(runtime, config),
                                    TorchTuneInstructDataset())
         return check_samples_fit(conf, lambda _: None)
-    return call
+    return _in_task(call, lambda tiny, bad: ["--dataset-uri", str(bad[folder]),
+                                             "--max-seq-len", str(max_seq_len)])
 
 
 CLI = ("cli", SystemExit)
@@ -367,3 +380,38 @@ def test_rows_that_fit_max_seq_len_pass_the_preflight(
     tmp_path: Path, tiny: dict[str, Path]
 ) -> None:
     _preflight("alpaca", 512)(tmp_path / "ws", tiny, {"alpaca": tiny["alpaca"] / "data"})
+
+
+IN_TASK = [c for c in CASES if hasattr(c.call, "cli")]
+
+
+def test_every_step_layer_case_also_runs_through_the_cli() -> None:
+    assert {c.layer for c in IN_TASK} == {"dataset-step", "model-step", "fine-tune-preflight"}
+    assert len(IN_TASK) == sum(c.layer.endswith(("-step", "-preflight")) for c in CASES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", IN_TASK, ids=[c.id for c in IN_TASK])
+def test_in_task_errors_end_the_cli_with_the_steps_one_line(
+    case: Case, tmp_path: Path, tiny: dict[str, Path], bad: dict[str, Path],
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """The error raised inside a kfp.local task is the CLI's last line: one line, exit 2.
+
+    kfp.local (kfp/local/pipeline_orchestrator.py) only raises "Inner task failed"; the step
+    records its own error and the CLI repeats the line the task ended with.
+    """
+    from kfp_finetune.step_errors import PREFIX
+
+    ws = tmp_path / "ws"
+    argv = _cli_argv(tiny, ws, tuple(case.call.cli(tiny, bad)))  # type: ignore[union-attr]
+    assert main(argv) == 2
+    captured = capfd.readouterr()
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith(f"{PREFIX}{case.error.__name__}: "), last
+    for needle in case.says:
+        assert needle in last, f"{needle!r} not in: {last}"
+    # The task's own log (kfp.local prints it on stdout) ends with the same line.
+    assert last in [line.strip() for line in captured.out.splitlines()]
+    assert "Traceback" not in captured.out + captured.err
+    assert not (ws / "output" / "checkpoints" / "epoch_0").exists()

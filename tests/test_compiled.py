@@ -9,6 +9,11 @@ from kfp_finetune.compile import REPO_COMPILED, check_compiled, compile_runtime
 from kfp_finetune.runtimes import RUNTIMES
 
 STEPS = ("dataset-initializer", "model-initializer", "fine-tune", "export-model")
+GROUP = "comp-exit-handler-1"  # the four steps run in the exit handler's group (a sub-DAG)
+
+
+def _steps(spec):
+    return spec["components"][GROUP]["dag"]["tasks"]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +48,9 @@ def test_pvc_per_run_with_size_class_and_access_modes_as_parameters(compiled, ru
     assert inputs["size"] == {"componentInputParameter": "pvc_size"}
     assert inputs["storage_class_name"] == {"componentInputParameter": "pvc_storage_class"}
     assert inputs["access_modes"] == {"componentInputParameter": "pvc_access_modes"}
-    # A name suffix (not a fixed name) makes the backend generate a new PVC name per run.
-    assert "pvc_name" not in inputs and inputs["pvc_name_suffix"]["runtimeValue"]["constant"]
+    # A new name per run: check-config makes it from the run id (kfp-finetune-<run id>).
+    assert inputs["pvc_name"] == {"taskOutputParameter": {
+        "outputParameterKey": "pvc_name", "producerTask": "check-config"}}
 
 
 @pytest.mark.parametrize("runtime", list(RUNTIMES))
@@ -54,8 +60,8 @@ def test_every_other_task_mounts_the_pvc_at_workspace(compiled, runtime):
     for step in STEPS:
         mounts = executors[f"exec-{step}"]["pvcMount"]
         assert [m["mountPath"] for m in mounts] == ["/workspace"]
-        assert mounts[0]["pvcNameParameter"]["taskOutputParameter"] == {
-            "outputParameterKey": "name", "producerTask": "createpvc"}
+        assert mounts[0]["pvcNameParameter"] == {
+            "componentInputParameter": "pipelinechannel--createpvc-name"}
 
 
 @pytest.mark.parametrize("runtime", list(RUNTIMES))
@@ -63,15 +69,17 @@ def test_fine_tune_requests_the_gpu_count(compiled, runtime):
     spec, _ = compiled[runtime]
     resources = spec["deploymentSpec"]["executors"]["exec-fine-tune"]["container"]["resources"]
     accel = resources["accelerator"]
+    # From check-config's STRING outputs (an integer parameter would resolve to "").
     assert accel["resourceType"] == (
-        "{{$.inputs.parameters['pipelinechannel--accelerator_type']}}")
-    assert accel["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus_per_node']}}"
+        "{{$.inputs.parameters['pipelinechannel--check-config-accelerator_type']}}")
+    assert accel["resourceCount"] == (
+        "{{$.inputs.parameters['pipelinechannel--check-config-accelerator_limit']}}")
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert int(params["gpus_per_node"]["defaultValue"]) == RUNTIMES[runtime].default_gpus
     assert params["accelerator_type"]["defaultValue"] == "nvidia.com/gpu"
-    task = spec["root"]["dag"]["tasks"]["fine-tune"]
+    task = _steps(spec)["fine-tune"]
     assert task["inputs"]["parameters"]["gpus_per_node"] == {
-        "componentInputParameter": "gpus_per_node"}
+        "componentInputParameter": "pipelinechannel--gpus_per_node"}
 
 
 @pytest.mark.parametrize("runtime", list(RUNTIMES))
@@ -85,17 +93,21 @@ def test_hf_token_comes_from_an_optional_secret_not_a_parameter(compiled, runtim
         (secret,) = [s for s in executors[f"exec-{step}"]["secretAsEnv"]
                      if s["keyToEnv"][0]["envVar"] == "HF_TOKEN"]
         assert secret["optional"] is True
-        assert secret["secretNameParameter"] == {"componentInputParameter": "hf_token_secret"}
+        assert secret["secretNameParameter"] == {
+            "componentInputParameter": "pipelinechannel--hf_token_secret"}
 
 
 @pytest.mark.parametrize("runtime", list(RUNTIMES))
 def test_initializers_run_in_parallel_and_fine_tune_waits_for_both(compiled, runtime):
     spec, _ = compiled[runtime]
-    tasks = spec["root"]["dag"]["tasks"]
-    assert tasks["dataset-initializer"]["dependentTasks"] == ["createpvc"]
-    assert tasks["model-initializer"]["dependentTasks"] == ["createpvc"]
+    tasks = _steps(spec)
+    # The group (and so every step) waits for the volume; inside it the two run at once.
+    assert set(spec["root"]["dag"]["tasks"]["exit-handler-1"]["dependentTasks"]) == {
+        "check-config", "createpvc"}
+    assert "dependentTasks" not in tasks["dataset-initializer"]
+    assert "dependentTasks" not in tasks["model-initializer"]
     assert set(tasks["fine-tune"]["dependentTasks"]) == {
-        "createpvc", "dataset-initializer", "model-initializer"}
+        "dataset-initializer", "model-initializer"}
     assert "fine-tune" in tasks["export-model"]["dependentTasks"]
 
 

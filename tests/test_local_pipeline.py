@@ -89,9 +89,12 @@ def test_malformed_dataset_uri_fails_before_anything_runs(tiny, tmp_path, capsys
 @pytest.mark.slow
 def test_missing_column_is_reported_by_the_dataset_step(tiny, tmp_path, capfd):
     ws = tmp_path / "ws"
-    assert main(run_args(tiny, ws, "--column-map", "output=answer")) == 1
+    assert main(run_args(tiny, ws, "--column-map", "output=answer")) == 2
     captured = capfd.readouterr()
     text = captured.out + captured.err
     assert "DatasetError" in text and "output->answer" in text
     assert "dataset-initializer" in text
+    # The step's one line, not a traceback, ends the run (tests/test_step_errors.py has more).
+    assert captured.err.strip().splitlines()[-1].startswith("kfp-finetune: error: DatasetError")
+    assert "Traceback" not in text
     assert not (ws / "output").exists(), "the fine-tune step must not have started"

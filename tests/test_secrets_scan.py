@@ -62,7 +62,7 @@ def test_a_failing_local_run_leaks_no_secret(tiny: dict[str, Path], tmp_path: Pa
     ws = tmp_path / "ws"
     argv = faultkit.cli_argv(tiny, ws, "--column-map", "output=answer")
     proc = start(argv, tmp_path / "run.log", secret_env(TMPDIR=str(tmp_path)))
-    assert proc.wait(timeout=420) == 1
+    assert proc.wait(timeout=420) == 2  # the dataset step's DatasetError (one line, exit 2)
     log = (tmp_path / "run.log").read_bytes()
     assert b"output->answer" in log  # it failed where expected, with its message
     assert _leaks(log) == [] and _scan_tree(tmp_path) == []

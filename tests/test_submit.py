@@ -119,6 +119,17 @@ def test_wait_follows_the_run_to_its_end(api, capsys, states, rc):
     (["--push-to", "gs://bucket"], "unsupported destination"),
     (["--wait", "--schedule", "@daily"], "Drop one"),
     (["--epochs", "0"], "epochs"),
+    (["--hf-token-secret", ""], "--hf-token-secret is empty"),
+    (["--s3-secret", "S3_Keys"], "is not a valid Kubernetes Secret name"),
+    (["--pvc-size", "100GB"], "is not a Kubernetes quantity"),
+    (["--pvc-size", "20m"], "less than 1Mi"),
+    (["--pvc-storage-class", ""], "--pvc-storage-class is empty"),
+    (["--accelerator-type", "gpu"], "is not a Kubernetes resource name"),
+    (["--schedule", "0 25 * * *"], "hour '25' is outside 0-23"),
+    (["--schedule", "0 3 * * 7"], "day of week '7' is outside 0-6"),
+    (["--schedule", "*/0 * * * *"], "step '0' must be"),
+    (["--schedule", "0 3 31-1 * *"], "runs backwards"),
+    (["--schedule", "@every 12x"], "is not a cron expression"),
 ])
 def test_bad_options_are_refused_before_any_api_call(api, capsys, extra, message):
     assert main(submit_args(api, *extra)) == 2
@@ -138,6 +149,37 @@ def test_an_unreachable_host_is_reported_with_what_to_check(capsys, monkeypatch)
 
 
 def test_cron_forms():
+    # The backend's scheduler parses with robfig/cron v1 cron.Parse (six fields, seconds
+    # first; weekday 0-6 or SUN-SAT; descriptors): backend/src/crd/controller/
+    # scheduledworkflow/util/cron_schedule.go.
     assert normalize_cron("*/15 * * * *") == "0 */15 * * * *"
     assert normalize_cron("0 0 3 * * 1-5") == "0 0 3 * * 1-5"
+    assert normalize_cron("0 30 2 1,15 JAN-jun ?") == "0 30 2 1,15 JAN-jun ?"
+    assert normalize_cron("0 0 * * MON-FRI") == "0 0 0 * * MON-FRI"
     assert normalize_cron("@every 12h") == "@every 12h"
+    assert normalize_cron("@every 1h30m") == "@every 1h30m"
+
+
+def test_submit_asks_the_backend_its_release_first(api, capsys):
+    assert main(submit_args(api, "--keep-workspace-on-failure")) == 0
+    paths = [c.path for c in api.calls]
+    assert paths.index("/apis/v2beta1/healthz") < paths.index("/apis/v2beta1/pipelines/upload")
+    (run,) = api.find("POST", r"/apis/v2beta1/runs")
+    assert run.json["runtime_config"]["parameters"]["keep_workspace_on_failure"] is True
+
+
+def test_submit_refuses_a_backend_older_than_the_floor(api, capsys):
+    api.state.tag_name = "2.14.0"
+    assert main(submit_args(api)) == 2
+    err = capsys.readouterr().err
+    assert "KFP backend is 2.14.0, older than 2.15.0" in err
+    assert "optional Secret as environment variables (from 2.15.0)" in err
+    # Nothing but healthz (kfp.Client asks it too, on creation): nothing uploaded, no run.
+    assert {c.path for c in api.calls} == {"/apis/v2beta1/healthz"}
+
+
+def test_submit_warns_when_the_backend_does_not_tell_its_release(api, capsys):
+    api.state.tag_name = "unknown"  # TAG_NAME unset on the API server
+    assert main(submit_args(api)) == 0
+    assert "does not tell its release" in capsys.readouterr().out
+    assert api.find("POST", r"/apis/v2beta1/runs")

@@ -21,10 +21,12 @@ def plan(kind="alpaca", **kw):
     return DatasetPlan(**base)
 
 
-def render(runtime, config=None, dataset=None, special=True, files=("model.safetensors",)):
+def render(runtime, config=None, dataset=None, special=True, files=("model.safetensors",),
+           memory=None):
     rt = get_runtime(runtime)
     info = ModelInfo(list(files), str(MODEL / "tokenizer.json") if special else None, 64, 2)
-    return render_config(rt, resolve(rt, config or TorchTuneConfig()), model_dir=MODEL,
+    resolved = resolve(rt, config or TorchTuneConfig(), gpu_memory_gib=memory)
+    return render_config(rt, resolved, model_dir=MODEL,
                          model=info, dataset=dataset or plan(), output_dir=OUT,
                          cache_dir=Path("/workspace/.cache/datasets"))
 
@@ -112,3 +114,123 @@ def test_lora_fields_reach_the_model(runtime):
     assert model["use_dora"] is True and model["apply_lora_to_mlp"] is False
     assert conf["save_adapter_weights_only"] is False
     assert "lora" in model["_component_"]
+
+
+# --------------------------------------------------------------------------- speed defaults
+# Each row: what the README's runtime table documents for that runtime, GPU count and card
+# memory (GiB per card; None = unknown, the torchtune config's value stays). Rendered on top
+# of torchtune 0.6.1's real YAMLs: 1B_full_single_device ships enable_activation_checkpointing
+# False, 3B_full_single_device and qwen2_5/1.5B_full_single_device True, llama3_3/70B_full
+# True with fsdp_cpu_offload True, fused False and compile False.
+H200, H100, L40S, A10G = 140.4, 79.6, 45.0, 22.5
+
+
+@pytest.mark.parametrize(("runtime", "gpus", "memory", "expected"), [
+    ("torchtune-llama3.2-1b", 1, H100, {"enable_activation_checkpointing": False}),
+    ("torchtune-llama3.2-1b", 1, A10G, {"enable_activation_checkpointing": True}),
+    ("torchtune-llama3.2-1b", 1, None, {"enable_activation_checkpointing": False}),
+    ("torchtune-llama3.2-3b", 1, H100, {"enable_activation_checkpointing": False}),
+    ("torchtune-llama3.2-3b", 1, L40S, {"enable_activation_checkpointing": True}),
+    ("torchtune-llama3.2-3b", 1, None, {"enable_activation_checkpointing": True}),
+    ("torchtune-qwen2.5-1.5b", 1, L40S, {"enable_activation_checkpointing": False}),
+    ("torchtune-qwen2.5-1.5b", 1, A10G, {"enable_activation_checkpointing": True}),
+    ("torchtune-llama3.3-70b", 8, H200, {"fsdp_cpu_offload": False,
+                                         "enable_activation_checkpointing": True}),
+    ("torchtune-llama3.3-70b", 8, H100, {"fsdp_cpu_offload": True,
+                                         "enable_activation_checkpointing": True}),
+    # Fewer cards hold a larger share of the 8 bytes/parameter each: 4 x 140 GiB is too little.
+    ("torchtune-llama3.3-70b", 4, H200, {"fsdp_cpu_offload": True}),
+    ("torchtune-llama3.3-70b", 8, None, {"fsdp_cpu_offload": True}),
+])
+def test_gpu_defaults_per_runtime_and_card_memory(runtime, gpus, memory, expected):
+    choice, conf = render(runtime, TorchTuneConfig(resources_per_node={"gpu": gpus}),
+                          memory=memory)
+    assert {k: conf.get(k) for k in expected} == expected
+    assert conf["dataset"]["packed"] is True and conf["tokenizer"]["max_seq_len"] == 2048
+    assert conf["compile"] is True  # the 70B too (torchtune's 70B_full_multinode does)
+    assert conf["optimizer"]["fused"] is True
+    if not choice.distributed:
+        assert "fsdp_cpu_offload" not in conf
+
+
+def test_lora_on_70b_never_offloads_the_optimizer():
+    # LoRA keeps no optimizer state for the frozen base: 140 GB of bf16 weights over 8 cards.
+    # torchtune's llama3_3/70B_lora config has no fsdp_cpu_offload key (the recipe's default
+    # is False): an 80 GB card must not get the full fine-tune's offload.
+    cfg = TorchTuneConfig(resources_per_node={"gpu": 8}, peft_config=LoraConfig())
+    _, conf = render("torchtune-llama3.3-70b", cfg, memory=H100)
+    assert conf.get("fsdp_cpu_offload") in (None, False)
+
+
+def test_what_the_user_sets_wins_over_the_memory_rules():
+    cfg = TorchTuneConfig(resources_per_node={"gpu": 8}, activation_checkpointing=False,
+                          overrides=["fsdp_cpu_offload=true"])
+    _, conf = render("torchtune-llama3.3-70b", cfg, memory=H200)
+    assert conf["enable_activation_checkpointing"] is False
+    assert conf["fsdp_cpu_offload"] is True
+    _, conf = render("torchtune-llama3.2-3b", TorchTuneConfig(activation_checkpointing=True),
+                     memory=H200)
+    assert conf["enable_activation_checkpointing"] is True
+
+
+def test_cpu_runs_ignore_the_card_rules():
+    _, conf = render("torchtune-llama3.2-1b", TorchTuneConfig(resources_per_node={"gpu": 0}),
+                     memory=H200)
+    assert conf["enable_activation_checkpointing"] is False and conf["compile"] is False
+    assert conf["dataset"]["packed"] is False
+
+
+def test_readme_runtime_table_states_each_memory_threshold():
+    from kfp_finetune.runtimes import RUNTIMES
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Runtimes", 1)[1].split("\n## ", 1)[0]
+    for runtime in RUNTIMES.values():
+        for rule in runtime.memory_rules:
+            row = next(line for line in section.splitlines() if f"`{runtime.name}`" in line)
+            assert f"{rule.min_gib:g} GiB" in row, (runtime.name, rule.setting)
+
+
+@pytest.mark.parametrize(("training_steps", "warmup"), [(30, 3), (150, 15), (5000, 100),
+                                                        (4, 1)])
+def test_lora_warmup_is_capped_by_the_steps_packing_leaves(training_steps, warmup):
+    # torchtune's LoRA recipes build the scheduler after packing, with the real step count:
+    # recipes/lora_finetune_single_device.py, _setup_lr_scheduler ->
+    # config.instantiate(cfg.lr_scheduler, optimizer, num_training_steps=..., last_epoch=...).
+    import torch
+    from omegaconf import OmegaConf
+    from torchtune import config as tt_config
+
+    _, conf = render("torchtune-llama3.2-1b", TorchTuneConfig(peft_config=LoraConfig()),
+                     memory=H100)
+    assert conf["lr_scheduler"] == {
+        "_component_": "kfp_finetune.lr_schedules.cosine_with_capped_warmup",
+        "num_warmup_steps": 100, "max_warmup_fraction": 0.1}
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=1.0)
+    scheduler = tt_config.instantiate(OmegaConf.create(conf["lr_scheduler"]), optimizer,
+                                      num_training_steps=training_steps, last_epoch=-1)
+    lrs = []
+    for _ in range(warmup + 1):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == 0.0 and lrs[warmup] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:warmup], lrs[1:warmup + 1], strict=True))
+
+
+def test_full_configs_keep_their_constant_learning_rate():
+    _, conf = render("torchtune-llama3.2-1b", memory=H100)
+    assert "lr_scheduler" not in conf
+
+
+def test_card_memory_comes_from_nvidia_smi(tmp_path, monkeypatch):
+    from kfp_finetune.gpu_defaults import detect_gpu_memory_gib
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert detect_gpu_memory_gib() is None  # no nvidia-smi: unknown, the config's values stay
+    # A stand-in for nvidia-smi (no GPU here): two cards, the smaller one decides.
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nprintf '143771\\n81559\\n'\n")
+    fake.chmod(0o755)
+    assert detect_gpu_memory_gib() == 79.6

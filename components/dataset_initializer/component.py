@@ -58,27 +58,30 @@ def dataset_initializer(
         files, bytes, seconds: what was fetched; revision: the commit or version fetched;
         skipped: True when a complete copy was already in the workspace.
     """
-    from kfp_finetune.params import config_from_params
-    from kfp_finetune.runtimes import get_runtime
-    from kfp_finetune.steps import initialize_dataset
+    from kfp_finetune.step_errors import step_errors
 
-    get_runtime(runtime)
-    config = config_from_params(
-        dtype=dtype, batch_size=batch_size, epochs=epochs, loss=loss, num_nodes=num_nodes,
-        gpus_per_node=gpus_per_node, source=source, split=split, train_on_input=train_on_input,
-        new_system_prompt=new_system_prompt, column_map=column_map,
-    )
-    result = initialize_dataset(
-        workspace_path, dataset_uri, config.dataset_preprocess_config,
-        ignore_patterns=list(ignore_patterns or []),
-    )
-    fetched = result.fetch
-    revision = fetched.revision
-    for key, value in fetched.ui_metrics().items():
-        metrics.log_metric(key, value)
-    metrics.log_metric("rows", result.plan.rows)
-    metrics.log_metric("columns", len(result.plan.columns))
-    metrics.metadata["source"] = fetched.source
-    metrics.metadata["revision"] = revision
-    return (result.plan.rows, result.plan.columns, result.plan.kind, fetched.files,
-            fetched.bytes, float(fetched.seconds), revision, fetched.skipped)
+    with step_errors("dataset-initializer", workspace_path):
+        from kfp_finetune.params import config_from_params
+        from kfp_finetune.runtimes import get_runtime
+        from kfp_finetune.steps import initialize_dataset
+
+        get_runtime(runtime)
+        config = config_from_params(
+            dtype=dtype, batch_size=batch_size, epochs=epochs, loss=loss, num_nodes=num_nodes,
+            gpus_per_node=gpus_per_node, source=source, split=split, train_on_input=train_on_input,
+            new_system_prompt=new_system_prompt, column_map=column_map,
+        )
+        result = initialize_dataset(
+            workspace_path, dataset_uri, config.dataset_preprocess_config,
+            ignore_patterns=list(ignore_patterns or []),
+        )
+        fetched = result.fetch
+        revision = fetched.revision
+        for key, value in fetched.ui_metrics().items():
+            metrics.log_metric(key, value)
+        metrics.log_metric("rows", result.plan.rows)
+        metrics.log_metric("columns", len(result.plan.columns))
+        metrics.metadata["source"] = fetched.source
+        metrics.metadata["revision"] = revision
+        return (result.plan.rows, result.plan.columns, result.plan.kind, fetched.files,
+                fetched.bytes, float(fetched.seconds), revision, fetched.skipped)

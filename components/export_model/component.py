@@ -37,21 +37,24 @@ def export_model(
     Returns:
         path: folder of the exported model; exported_elsewhere: a copy exists off the volume.
     """
-    import json
-    import shutil
+    from kfp_finetune.step_errors import step_errors
 
-    from kfp_finetune.export import export_model as export
+    with step_errors("export", workspace_path):
+        import json
+        import shutil
 
-    result = export(workspace_path, runtime, export_name, run_id, push_to)
-    meta = {k: v for k, v in result.metadata.items() if k != "files" and v is not None}
-    meta["destinations"] = result.destinations
-    meta["files"] = result.files
-    meta["bytes"] = result.bytes
-    if copy_to_artifact:
-        shutil.copytree(result.path, model.path, ignore=shutil.ignore_patterns(".*"))
-    else:
-        with open(model.path, "w") as handle:
-            json.dump(meta, handle, indent=2)
-    meta["weights_in_artifact"] = copy_to_artifact
-    model.metadata.update(meta)
-    return (result.path, result.exported_elsewhere)
+        from kfp_finetune.export import export_model as export
+
+        result = export(workspace_path, runtime, export_name, run_id, push_to)
+        meta = {k: v for k, v in result.metadata.items() if k != "files" and v is not None}
+        meta["destinations"] = result.destinations
+        meta["files"] = result.files
+        meta["bytes"] = result.bytes
+        if copy_to_artifact:
+            shutil.copytree(result.path, model.path, ignore=shutil.ignore_patterns(".*"))
+        else:
+            with open(model.path, "w") as handle:
+                json.dump(meta, handle, indent=2)
+        meta["weights_in_artifact"] = copy_to_artifact
+        model.metadata.update(meta)
+        return (result.path, result.exported_elsewhere)

@@ -82,27 +82,30 @@ def fine_tune(
     Returns:
         final_loss, steps and the checkpoint folder.
     """
-    from kfp_finetune.finetune import run_fine_tune
-    from kfp_finetune.params import config_from_params
-    from kfp_finetune.report import loss_curve_html
+    from kfp_finetune.step_errors import step_errors
 
-    config = config_from_params(
-        dtype=dtype, batch_size=batch_size, epochs=epochs, loss=loss, num_nodes=num_nodes,
-        gpus_per_node=gpus_per_node, source=source, split=split, train_on_input=train_on_input,
-        new_system_prompt=new_system_prompt, column_map=column_map,
-        peft_method=peft_method, lora_rank=lora_rank, lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout, lora_attn_modules=lora_attn_modules,
-        apply_lora_to_mlp=apply_lora_to_mlp, apply_lora_to_output=apply_lora_to_output,
-        learning_rate=learning_rate, gradient_accumulation_steps=gradient_accumulation_steps,
-        max_seq_len=max_seq_len, packed=packed, compile=compile,
-        activation_checkpointing=activation_checkpointing,
-        max_steps_per_epoch=max_steps_per_epoch, seed=seed, overrides=overrides,
-    )
-    result = run_fine_tune(workspace_path, runtime, config)
-    for key, value in result.metrics.items():
-        if value is not None:
-            metrics.log_metric(key, value)
-    metrics.log_metric("resumed_from_epoch", result.resumed_from_epoch)
-    with open(loss_curve.path, "w") as handle:
-        handle.write(loss_curve_html(result.losses, f"{runtime}: training loss"))
-    return (result.final_loss, len(result.losses), result.checkpoint_dir)
+    with step_errors("fine-tune", workspace_path):
+        from kfp_finetune.finetune import run_fine_tune
+        from kfp_finetune.params import config_from_params
+        from kfp_finetune.report import loss_curve_html
+
+        config = config_from_params(
+            dtype=dtype, batch_size=batch_size, epochs=epochs, loss=loss, num_nodes=num_nodes,
+            gpus_per_node=gpus_per_node, source=source, split=split, train_on_input=train_on_input,
+            new_system_prompt=new_system_prompt, column_map=column_map,
+            peft_method=peft_method, lora_rank=lora_rank, lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout, lora_attn_modules=lora_attn_modules,
+            apply_lora_to_mlp=apply_lora_to_mlp, apply_lora_to_output=apply_lora_to_output,
+            learning_rate=learning_rate, gradient_accumulation_steps=gradient_accumulation_steps,
+            max_seq_len=max_seq_len, packed=packed, compile=compile,
+            activation_checkpointing=activation_checkpointing,
+            max_steps_per_epoch=max_steps_per_epoch, seed=seed, overrides=overrides,
+        )
+        result = run_fine_tune(workspace_path, runtime, config)
+        for key, value in result.metrics.items():
+            if value is not None:
+                metrics.log_metric(key, value)
+        metrics.log_metric("resumed_from_epoch", result.resumed_from_epoch)
+        with open(loss_curve.path, "w") as handle:
+            handle.write(loss_curve_html(result.losses, f"{runtime}: training loss"))
+        return (result.final_loss, len(result.losses), result.checkpoint_dir)

@@ -93,30 +93,33 @@ def model_initializer(
         files, bytes, seconds: what was fetched; revision: the commit or version fetched;
         skipped: True when a complete copy was already in the workspace.
     """
-    from kfp_finetune.params import config_from_params
-    from kfp_finetune.steps import initialize_model
+    from kfp_finetune.step_errors import step_errors
 
-    config = config_from_params(
-        dtype=dtype, batch_size=batch_size, epochs=epochs, loss=loss, num_nodes=num_nodes,
-        gpus_per_node=gpus_per_node, source=source, split=split, train_on_input=train_on_input,
-        new_system_prompt=new_system_prompt, column_map=column_map,
-        peft_method=peft_method, lora_rank=lora_rank, lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout, lora_attn_modules=lora_attn_modules,
-        apply_lora_to_mlp=apply_lora_to_mlp, apply_lora_to_output=apply_lora_to_output,
-        learning_rate=learning_rate, gradient_accumulation_steps=gradient_accumulation_steps,
-        max_seq_len=max_seq_len, packed=packed, compile=compile,
-        activation_checkpointing=activation_checkpointing,
-        max_steps_per_epoch=max_steps_per_epoch, seed=seed, overrides=overrides,
-    )
-    result = initialize_model(
-        workspace_path, model_uri, runtime, config, ignore_patterns=list(ignore_patterns or [])
-    )
-    fetched = result.fetch
-    revision = fetched.revision
-    for key, value in fetched.ui_metrics().items():
-        metrics.log_metric(key, value)
-    metrics.log_metric("weight_files", len(result.info.checkpoint_files))
-    metrics.metadata["source"] = fetched.source
-    metrics.metadata["revision"] = revision
-    return (result.recipe, result.config, len(result.info.checkpoint_files), fetched.files,
-            fetched.bytes, float(fetched.seconds), revision, fetched.skipped)
+    with step_errors("model-initializer", workspace_path):
+        from kfp_finetune.params import config_from_params
+        from kfp_finetune.steps import initialize_model
+
+        config = config_from_params(
+            dtype=dtype, batch_size=batch_size, epochs=epochs, loss=loss, num_nodes=num_nodes,
+            gpus_per_node=gpus_per_node, source=source, split=split, train_on_input=train_on_input,
+            new_system_prompt=new_system_prompt, column_map=column_map,
+            peft_method=peft_method, lora_rank=lora_rank, lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout, lora_attn_modules=lora_attn_modules,
+            apply_lora_to_mlp=apply_lora_to_mlp, apply_lora_to_output=apply_lora_to_output,
+            learning_rate=learning_rate, gradient_accumulation_steps=gradient_accumulation_steps,
+            max_seq_len=max_seq_len, packed=packed, compile=compile,
+            activation_checkpointing=activation_checkpointing,
+            max_steps_per_epoch=max_steps_per_epoch, seed=seed, overrides=overrides,
+        )
+        result = initialize_model(
+            workspace_path, model_uri, runtime, config, ignore_patterns=list(ignore_patterns or [])
+        )
+        fetched = result.fetch
+        revision = fetched.revision
+        for key, value in fetched.ui_metrics().items():
+            metrics.log_metric(key, value)
+        metrics.log_metric("weight_files", len(result.info.checkpoint_files))
+        metrics.metadata["source"] = fetched.source
+        metrics.metadata["revision"] = revision
+        return (result.recipe, result.config, len(result.info.checkpoint_files), fetched.files,
+                fetched.bytes, float(fetched.seconds), revision, fetched.skipped)

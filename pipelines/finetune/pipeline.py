@@ -2,80 +2,51 @@
 
 On a cluster::
 
-    create-workspace (PVC) ─┬─> dataset-initializer ─┐
-                            └─> model-initializer  ──┴─> fine-tune (GPU) ─> export
-                                                            [─> delete-workspace, if asked and
-                                                                the model was pushed elsewhere]
+    check-config ─> create-workspace (PVC) ─┬─> dataset-initializer ─┐
+                                            └─> model-initializer  ──┴─> fine-tune (GPU) ─> export
+    cleanup-workspace: exit task, runs whatever the outcome of the four tasks above
 
-Every task but create-workspace mounts the PVC at /workspace. Locally (``kfp.local``) the same
-components run in the same order on a local folder instead of the PVC, and the Kubernetes
-settings are left out (kfp.local cannot create PVCs and ignores them).
+Every task from dataset-initializer on mounts the PVC at /workspace. Locally (``kfp.local``)
+the same four components run in the same order on a local folder instead of the PVC, and the
+cluster-only parts (check-config, the PVC, the exit task, the Kubernetes settings) are left
+out (kfp.local cannot create PVCs, ignores Kubernetes settings and has no exit handlers).
 
-Operations (cluster only, see :func:`_apply_cluster_settings`): one new PVC per run (a name
-suffix, so the backend names it after the run and recurring runs never collide); caching off on
-every task (they all write to the per-run volume or push elsewhere); the fine-tune task gets the
-accelerator type and count, node selector and tolerations (JSON parameters), CPU and memory
-requests, an in-memory /dev/shm and a timeout; the initializers, fine-tune and export retry.
+Operations (cluster only, see ``cluster.py``: ``cluster_prelude``, ``apply_cluster_settings``):
+check-config refuses bad operations parameters on CPU and hands on validated strings; one new
+PVC per run, named ``kfp-finetune-<run id>`` and annotated with the pipeline, run id and run
+name; the exit task deletes it after a failure (unless ``keep_workspace_on_failure``) and after
+a success only with ``delete_workspace`` and ``push_to`` (see kfp_finetune.workspace_cleanup);
+caching off on every task (they all write to the per-run volume or push elsewhere); the
+fine-tune task gets the accelerator type and count and its CPU and memory requests from
+check-config's string outputs, node selector and tolerations (JSON parameters), an in-memory
+/dev/shm and a timeout; the initializers, fine-tune and export retry. The KFP backend this
+needs is ``kfp_finetune.backend.MIN_BACKEND`` or newer.
 """
 
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from kfp import dsl, kubernetes
+from kfp import dsl
 
-from kfp_finetune.components.create_workspace import create_workspace
+from kfp_finetune.cluster_ops import GPU_RESOURCE
 from kfp_finetune.components.dataset_initializer import dataset_initializer
 from kfp_finetune.components.export_model import export_model
 from kfp_finetune.components.fine_tune import fine_tune
 from kfp_finetune.components.model_initializer import model_initializer
-from kfp_finetune.credentials import (
-    DEFAULT_HF_SECRET,
-    DEFAULT_S3_SECRET,
-    HF_TOKEN_ENV,
-    S3_SECRET_KEYS,
+from kfp_finetune.credentials import DEFAULT_HF_SECRET, DEFAULT_S3_SECRET
+from kfp_finetune.pipelines.finetune.cluster import (
+    ClusterParams,
+    Tasks,
+    apply_cluster_settings,
+    cluster_prelude,
+    ops_defaults,
 )
 from kfp_finetune.runtimes import Runtime, get_runtime
 from kfp_finetune.types import Loss
 from kfp_finetune.workspace import WORKSPACE_MOUNT
 
 DEFAULT_DATASET_URI = "hf://tatsu-lab/alpaca/data"
-GPU_RESOURCE = "nvidia.com/gpu"
-# GPU node pools are commonly tainted with the GPU resource name; tolerating it is harmless
-# where they are not (a GPU limit alone adds no toleration). Added as a fixed toleration on the
-# GPU runtimes' fine-tune task; the `tolerations` parameter adds more. (Not a parameter default:
-# KFP writes dict defaults into the YAML header in a per-process order, which would make
-# `compile --check` flaky.)
-GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
-# Pod activeDeadlineSeconds per attempt (kfp-kubernetes takes a constant, not a parameter).
-INITIALIZER_TIMEOUT_S = 6 * 3600
-EXPORT_TIMEOUT_S = 6 * 3600
-FINE_TUNE_TIMEOUT_S = 72 * 3600
-TINY_FINE_TUNE_TIMEOUT_S = 2 * 3600
-# Requests of the CPU tasks (initializers, export): enough to stream and check files.
-CPU_TASK_CPU_REQUEST = "1"
-CPU_TASK_MEMORY_REQUEST = "4Gi"
-
-
-@dataclass(frozen=True)
-class OpsDefaults:
-    """Runtime-dependent defaults of the operations parameters."""
-
-    cpu_request: str
-    memory_request: str
-    shm_size: str
-    gpu_toleration: bool
-    timeout_s: int
-
-
-def ops_defaults(runtime: Runtime) -> OpsDefaults:
-    """Defaults for a runtime: CPU tasks for the tiny ones, 4 CPUs and 32Gi per GPU otherwise."""
-    gpus = runtime.default_gpus
-    if gpus == 0:
-        return OpsDefaults("2", "8Gi", "1Gi", False, TINY_FINE_TUNE_TIMEOUT_S)
-    return OpsDefaults(str(4 * gpus), f"{32 * gpus}Gi", f"{8 * gpus}Gi", True,
-                       FINE_TUNE_TIMEOUT_S)
 
 
 def pipeline_name(runtime: Runtime) -> str:
@@ -143,6 +114,7 @@ def build_pipeline(runtime_name: str, local_workspace: str | None = None) -> Cal
         pvc_storage_class: str = "standard",
         pvc_access_modes: list = ["ReadWriteOnce"],
         delete_workspace: bool = False,
+        keep_workspace_on_failure: bool = False,
         accelerator_type: str = GPU_RESOURCE,
         node_selector: dict = {},
         tolerations: list = [],
@@ -179,10 +151,10 @@ def build_pipeline(runtime_name: str, local_workspace: str | None = None) -> Cal
                 2048 on GPU, no limit on CPU).
             packed: Pack samples into max_seq_len sequences: auto (on for GPU runtimes), true
                 or false.
-            compile: torch.compile the model and loss: auto (on for 1B-3B on GPU), true or
+            compile: torch.compile the model and loss: auto (on for GPU runtimes), true or
                 false.
-            activation_checkpointing: Recompute activations to save memory: auto (the
-                config's), true or false.
+            activation_checkpointing: Recompute activations to save memory: auto (off where
+                the card's memory allows, see README "Runtimes"), true or false.
             max_steps_per_epoch: Stop each epoch after this many steps (0: whole epoch).
             seed: Random seed, for reproducible runs.
             overrides: Raw torchtune key=value overrides applied last, e.g.
@@ -193,31 +165,37 @@ def build_pipeline(runtime_name: str, local_workspace: str | None = None) -> Cal
             export_name: Folder under /workspace/output for the model (empty:
                 <model>-finetuned-<run id>, a new folder per run). A name that already holds
                 another run's model is refused, never overwritten.
-            hf_token_secret: Kubernetes Secret with key HF_TOKEN for gated or private repos,
-                and for push_to=hf://... (optional: tasks run without it when it does not exist).
+            hf_token_secret: Name of the Kubernetes Secret with key HF_TOKEN, for gated or
+                private repos and push_to=hf://... The Secret need not exist (tasks run
+                without it), but the name must not be empty.
             push_to: Also copy the exported model to hf://org/repo[@branch] (token from
                 hf_token_secret) or s3://bucket/prefix (keys from s3_secret); empty: the model
                 stays on the workspace volume only.
             copy_to_artifact: Also copy the model files into the KFP artifact store (the Model
                 artifact holds only metadata otherwise; weights can be many GB).
-            s3_secret: Kubernetes Secret with keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
-                optionally AWS_SESSION_TOKEN, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, for s3://
-                sources and push_to (optional).
-            pvc_size: Size of the per-run workspace volume, e.g. 20Gi.
-            pvc_storage_class: StorageClass of the workspace volume (kubectl get storageclass).
+            s3_secret: Name of the Kubernetes Secret with keys AWS_ACCESS_KEY_ID,
+                AWS_SECRET_ACCESS_KEY and optionally AWS_SESSION_TOKEN, AWS_ENDPOINT_URL,
+                AWS_DEFAULT_REGION, for s3:// sources and push_to. The Secret need not exist,
+                but the name must not be empty.
+            pvc_size: Size of the per-run workspace volume kfp-finetune-<run id>, e.g. 20Gi.
+            pvc_storage_class: StorageClass of the workspace volume (kubectl get storageclass;
+                a class that does not exist leaves the volume and the run Pending).
             pvc_access_modes: Access modes of the volume; ReadWriteMany lets the two
                 initializers run on different nodes at once.
-            delete_workspace: Delete the run's workspace volume after the export, but only when
-                push_to copied the model elsewhere (never when the model lives only there).
+            delete_workspace: Delete the run's workspace volume after a successful run, but
+                only when push_to copied the model elsewhere (never when the model lives only
+                there).
+            keep_workspace_on_failure: Keep the volume of a failed run, for debugging or the
+                UI's retry (default: a failed run's volume is deleted).
             accelerator_type: Accelerator resource of the fine-tune task, e.g. nvidia.com/gpu
-                or amd.com/gpu; its count is gpus_per_node.
+                or amd.com/gpu; its count is gpus_per_node (none when 0).
             node_selector: Node labels the fine-tune task must run on, as JSON, e.g.
                 {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"} (empty: any node).
             tolerations: More taints the fine-tune task tolerates, as a JSON list of
                 Kubernetes tolerations, e.g. [{"key": "dedicated", "operator": "Equal",
                 "value": "ml", "effect": "NoSchedule"}] (GPU runtimes always tolerate
                 nvidia.com/gpu:NoSchedule).
-            cpu_request: CPUs requested for the fine-tune task, e.g. 8.
+            cpu_request: CPUs requested for the fine-tune task, e.g. 8 or 7500m.
             memory_request: Memory requested for the fine-tune task, e.g. 64Gi.
         """
         train_args = dict(
@@ -237,113 +215,43 @@ def build_pipeline(runtime_name: str, local_workspace: str | None = None) -> Cal
             activation_checkpointing=activation_checkpointing,
             max_steps_per_epoch=max_steps_per_epoch, seed=seed, overrides=overrides,
         )
-        data = dataset_initializer(dataset_uri=dataset_uri, **train_args)
-        data.set_display_name("dataset-initializer")
-        model = model_initializer(model_uri=model_uri, ignore_patterns=model_ignore_patterns,
-                                  **tune_args)
-        model.set_display_name("model-initializer")
-        train = fine_tune(**tune_args).after(data, model)
-        train.set_display_name("fine-tune")
-        export = export_model(
-            runtime=rt.name, workspace_path=workspace, export_name=export_name,
-            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, push_to=push_to,
-            copy_to_artifact=copy_to_artifact,
-        ).after(train)
-        export.set_display_name("export")
-        if cluster:
-            _apply_cluster_settings(
-                ops, data=data, model=model, train=train, export=export,
-                params=ClusterParams(
-                    hf_token_secret=hf_token_secret, s3_secret=s3_secret, pvc_size=pvc_size,
-                    pvc_storage_class=pvc_storage_class, pvc_access_modes=pvc_access_modes,
-                    delete_workspace=delete_workspace, accelerator_type=accelerator_type,
-                    gpus_per_node=gpus_per_node, node_selector=node_selector,
-                    tolerations=tolerations, cpu_request=cpu_request,
-                    memory_request=memory_request,
-                ),
-            )
+        if not cluster:
+            _work(rt.name, workspace, dataset_uri, model_uri, model_ignore_patterns,
+                  export_name, push_to, copy_to_artifact, train_args, tune_args)
+            return
+        p = ClusterParams(
+            hf_token_secret=hf_token_secret, s3_secret=s3_secret, pvc_size=pvc_size,
+            pvc_storage_class=pvc_storage_class, pvc_access_modes=pvc_access_modes,
+            delete_workspace=delete_workspace, keep_workspace_on_failure=keep_workspace_on_failure,
+            push_to=push_to, accelerator_type=accelerator_type, gpus_per_node=gpus_per_node,
+            node_selector=node_selector, tolerations=tolerations, cpu_request=cpu_request,
+            memory_request=memory_request,
+        )
+        check, pvc, cleanup = cluster_prelude(pipeline_name(rt), p)
+        # The exit task runs whatever the outcome; the group holds container tasks only, so
+        # the last one to end records the group's final state (see workspace_cleanup).
+        with dsl.ExitHandler(cleanup, name="fine-tune-run"):
+            tasks = _work(rt.name, workspace, dataset_uri, model_uri, model_ignore_patterns,
+                          export_name, push_to, copy_to_artifact, train_args, tune_args)
+        apply_cluster_settings(ops, check=check, pvc=pvc, tasks=tasks, params=p)
 
     return finetune_pipeline
 
 
-@dataclass(frozen=True)
-class ClusterParams:
-    """The pipeline parameters (channels) that only the cluster settings use."""
-
-    hf_token_secret: Any
-    s3_secret: Any
-    pvc_size: Any
-    pvc_storage_class: Any
-    pvc_access_modes: Any
-    delete_workspace: Any
-    accelerator_type: Any
-    gpus_per_node: Any
-    node_selector: Any
-    tolerations: Any
-    cpu_request: Any
-    memory_request: Any
-
-
-def _apply_cluster_settings(
-    ops: OpsDefaults,
-    *,
-    data: dsl.PipelineTask,
-    model: dsl.PipelineTask,
-    train: dsl.PipelineTask,
-    export: dsl.PipelineTask,
-    params: ClusterParams,
-) -> None:
-    """Add the PVC, Secrets, scheduling, resources, timeouts and retries (cluster only)."""
-    p = params
-    pvc = create_workspace(
-        pvc_name_suffix="-kfp-finetune",
-        access_modes=p.pvc_access_modes,
-        size=p.pvc_size,
-        storage_class_name=p.pvc_storage_class,
-    )
-    pvc.set_display_name("create-workspace")
-    # A cached CreatePVC can hand back a PVC that no longer exists.
-    pvc.set_caching_options(False)
-    for task in (data, model, train, export):
-        kubernetes.mount_pvc(task, pvc_name=pvc.outputs["name"], mount_path=WORKSPACE_MOUNT)
-        task.set_caching_options(False)  # they write to the per-run volume (or push)
-    for task in (data, model, export):
-        kubernetes.use_secret_as_env(
-            task, secret_name=p.hf_token_secret,
-            secret_key_to_env={HF_TOKEN_ENV: HF_TOKEN_ENV}, optional=True,
-        )
-        kubernetes.use_secret_as_env(
-            task, secret_name=p.s3_secret,
-            secret_key_to_env={key: key for key in S3_SECRET_KEYS}, optional=True,
-        )
-        task.set_cpu_request(CPU_TASK_CPU_REQUEST).set_memory_request(CPU_TASK_MEMORY_REQUEST)
-    for task in (data, model):
-        # Retries are allowed for as long as an attempt may take (Argo's default is 1 h from
-        # the first attempt, which would forbid retrying a long download).
-        task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0,
-                       backoff_max_duration=f"{4 * INITIALIZER_TIMEOUT_S}s")
-        kubernetes.set_timeout(task, INITIALIZER_TIMEOUT_S)
-    export.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0,
-                     backoff_max_duration=f"{3 * EXPORT_TIMEOUT_S}s")
-    kubernetes.set_timeout(export, EXPORT_TIMEOUT_S)
-
-    train.set_retry(num_retries=1, backoff_duration="60s",
-                    backoff_max_duration=f"{2 * ops.timeout_s + 3600}s")
-    train.set_accelerator_type(p.accelerator_type).set_accelerator_limit(p.gpus_per_node)
-    train.set_cpu_request(p.cpu_request).set_memory_request(p.memory_request)
-    kubernetes.add_node_selector_json(train, node_selector_json=p.node_selector)
-    if ops.gpu_toleration:
-        kubernetes.add_toleration(train, **GPU_TOLERATION)
-    kubernetes.add_toleration_json(train, toleration_json=p.tolerations)
-    # NCCL and the data loader workers share memory through /dev/shm (64Mi by default).
-    kubernetes.empty_dir_mount(train, volume_name="dshm", mount_path="/dev/shm",
-                               medium="Memory", size_limit=ops.shm_size)
-    kubernetes.set_timeout(train, ops.timeout_s)
-
-    # Free the volume only when asked and only when the model also lives elsewhere.
-    with dsl.If(p.delete_workspace == True, name="delete-workspace-requested"):  # noqa: E712
-        with dsl.If(export.outputs["exported_elsewhere"] == True,  # noqa: E712
-                    name="model-exported-elsewhere"):
-            delete = kubernetes.DeletePVC(pvc_name=pvc.outputs["name"]).after(export)
-            delete.set_display_name("delete-workspace")
-            delete.set_caching_options(False)
+def _work(runtime: str, workspace: str, dataset_uri: Any, model_uri: Any, ignore_patterns: Any,
+          export_name: Any, push_to: Any, copy_to_artifact: Any, train_args: dict[str, Any],
+          tune_args: dict[str, Any]) -> Tasks:
+    """Add the initializers, fine-tune and export, in this order (the same on both targets)."""
+    data = dataset_initializer(dataset_uri=dataset_uri, **train_args)
+    data.set_display_name("dataset-initializer")
+    model = model_initializer(model_uri=model_uri, ignore_patterns=ignore_patterns, **tune_args)
+    model.set_display_name("model-initializer")
+    train = fine_tune(**tune_args).after(data, model)
+    train.set_display_name("fine-tune")
+    export = export_model(
+        runtime=runtime, workspace_path=workspace, export_name=export_name,
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, push_to=push_to,
+        copy_to_artifact=copy_to_artifact,
+    ).after(train)
+    export.set_display_name("export")
+    return Tasks(data, model, train, export)

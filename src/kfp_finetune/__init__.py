@@ -39,7 +39,9 @@ __all__ = [
     "HuggingFaceDatasetInitializer",
     "HuggingFaceModelInitializer",
     "Initializer",
+    "KfpBackendConfig",
     "KfpFinetuneError",
+    "LocalBackendConfig",
     "LoraConfig",
     "Loss",
     "ModelError",
@@ -47,6 +49,7 @@ __all__ = [
     "SourceError",
     "TorchTuneConfig",
     "TorchTuneInstructDataset",
+    "TrainerClient",
     "TrainingError",
     "WorkspaceError",
     "get_runtime",
@@ -60,4 +63,9 @@ def __getattr__(name: str):
         from kfp_finetune import api
 
         return getattr(api, name)
+    # The SDK-compatible client pulls in kubeflow, kfp and kubernetes: likewise on demand.
+    if name in ("TrainerClient", "KfpBackendConfig", "LocalBackendConfig"):
+        from kfp_finetune import client
+
+        return getattr(client, name)
     raise AttributeError(f"module 'kfp_finetune' has no attribute {name!r}")

@@ -41,6 +41,9 @@ def train(
 
     Raises:
         ConfigError: No dataset initializer was given.
+        KfpFinetuneError: A step stopped on one of our errors: that error's own class and
+            message (e.g. ``DatasetError`` for a column the data lacks), with the step's name
+            in its ``step`` attribute; never kfp.local's generic "Inner task failed".
     """
     if initializer.dataset is None:
         raise ConfigError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -211,6 +212,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     )
     arguments.update(ops_arguments(
         push_to=args.push_to, delete_workspace=args.delete_workspace,
+        keep_workspace_on_failure=args.keep_workspace_on_failure,
         copy_to_artifact=args.copy_to_artifact, pvc_size=args.pvc_size,
         pvc_storage_class=args.pvc_storage_class, pvc_access_mode=args.pvc_access_mode,
         accelerator_type=args.accelerator_type, node_selector=args.node_selector,
@@ -268,6 +270,8 @@ def _add_submit_options(p: argparse.ArgumentParser) -> None:
                    help="also copy the model to hf://org/repo[@branch] or s3://bucket/prefix")
     o.add_argument("--delete-workspace", action="store_true",
                    help="delete the run's volume after the export (needs --push-to)")
+    o.add_argument("--keep-workspace-on-failure", action="store_true",
+                   help="keep a failed run's volume (for debugging or the UI's retry)")
     o.add_argument("--copy-to-artifact", action="store_true",
                    help="also copy the weights into the KFP artifact store")
     o.add_argument("--pvc-size", help="size of the per-run volume, e.g. 100Gi")
@@ -340,17 +344,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``kfp-finetune``."""
+    from kfp_finetune.step_errors import EXIT_INTERRUPTED, INTERRUPTED, error_line
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except KfpFinetuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        sys.stdout.flush()  # the error stays the last line when both streams share a terminal
+        # A step's error (a failed local run) ends with the very line that ended the step.
+        line = error_line(exc) if getattr(exc, "step", None) else f"error: {exc}"
+        print(line, file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print(INTERRUPTED, file=sys.stderr)
+        return EXIT_INTERRUPTED
     except RuntimeError as exc:
         if "finished with status" in str(exc) or "Task" in str(exc):
-            print(f"error: {exc} (the task's log above says why)", file=sys.stderr)
+            # Not one of our errors: a bug, whose traceback is in the task's log.
+            sys.stdout.flush()
+            print(f"error: {_plain(str(exc))} (the task's traceback above says why)",
+                  file=sys.stderr)
             return 1
         raise
+
+
+def _plain(text: str) -> str:
+    # kfp.local colours task names with ANSI escapes; a log file should not carry them.
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 if __name__ == "__main__":

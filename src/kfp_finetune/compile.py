@@ -31,6 +31,13 @@ def compile_runtime(runtime_name: str, out_dir: Path) -> Path:
 
 def compile_all(out_dir: Path, runtimes: list[str] | None = None) -> list[Path]:
     """Compile the given runtimes (all by default)."""
+    from kfp_finetune import images
+
+    if images.overridden() and out_dir.resolve() == REPO_COMPILED.resolve():
+        raise ConfigError(
+            f"{', '.join(images.overridden())} set: compiled/ holds the default images; "
+            "compile elsewhere with --output-dir DIR (or unset these variables)."
+        )
     return [compile_runtime(name, out_dir) for name in (runtimes or list(RUNTIMES))]
 
 

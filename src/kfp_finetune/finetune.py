@@ -47,6 +47,8 @@ from kfp_finetune.errors import (
     TrainingError,
     WorkspaceError,
 )
+from kfp_finetune.gpu_defaults import detect_gpu_memory_gib
+from kfp_finetune.gpus import check_gpus_visible
 from kfp_finetune.model_check import check_model
 from kfp_finetune.runtimes import Runtime, get_runtime
 from kfp_finetune.training_log import losses, read_metric_rows, read_metrics, summarize
@@ -162,10 +164,13 @@ def run_fine_tune(
             step's output is missing, or the volume is (or becomes) too full for the
             checkpoints.
         DatasetError: ``max_seq_len`` cuts every sampled row before its response.
-        TrainingError: ``tune run`` failed or wrote no complete checkpoint.
+        TrainingError: The pod sees fewer GPUs than asked, or ``tune run`` failed or wrote
+            no complete checkpoint.
     """
     runtime = get_runtime(runtime_name)
-    resolved = resolve(runtime, config)
+    # The GPU-memory defaults (activation checkpointing, optimizer offload) need the card.
+    resolved = resolve(runtime, config, gpu_memory_gib=detect_gpu_memory_gib())
+    check_gpus_visible(resolved.gpus)
     ws = Workspace.at(workspace)
     preprocess = config.dataset_preprocess_config or TorchTuneInstructDataset()
     with workspace_lock(ws.root, "the fine-tune step", LOCK_FILE):

@@ -16,6 +16,7 @@ from typing import Any
 from kfp_finetune.export import check_export_name, latest_export
 from kfp_finetune.params import training_params
 from kfp_finetune.runtimes import get_runtime
+from kfp_finetune.step_errors import clear_record, step_error
 from kfp_finetune.storage import check_ignore_patterns
 from kfp_finetune.training_log import read_metrics
 from kfp_finetune.tune_config import resolve
@@ -97,6 +98,8 @@ def run_local(
 
     Raises:
         WorkspaceError: Another run holds the workspace's lock.
+        KfpFinetuneError: A step stopped on one of our errors: the step's own class and
+            message (its ``step`` attribute names the step), not kfp.local's "task failed".
     """
     from kfp import local
 
@@ -115,6 +118,13 @@ def run_local(
             raise_on_error=True,
         )
         pipeline = build_pipeline(runtime_name, local_workspace=str(ws.root))
-        pipeline(**arguments)
+        clear_record(ws.root)
+        try:
+            pipeline(**arguments)
+        except RuntimeError:  # kfp.local's "task ... FAILURE": raise the step's own error
+            error = step_error(ws.root)
+            if error is None:
+                raise
+            raise error from None
         model_dir = latest_export(ws, export_name)
     return LocalRunResult(ws.root, model_dir, read_metrics(ws.checkpoints_dir / "logs"))

@@ -43,6 +43,42 @@ QWEN2_5_TOKENIZER = TokenizerSpec(
 
 
 @dataclass(frozen=True)
+class MemoryRule:
+    """A GPU default that depends on how much memory one card has.
+
+    ``setting`` takes ``value`` when each card has at least ``min_gib`` GiB (``torch``/
+    ``nvidia-smi`` total), and ``below`` otherwise; when the card's memory is unknown the
+    torchtune config's own value stays. ``min_gib`` is for the runtime's default GPU count;
+    ``sharded_bytes_per_param`` of the model's parameters are split over the GPUs (FSDP), so
+    with fewer GPUs the threshold rises by that share.
+
+    Attributes:
+        setting: ``ResolvedConfig`` field: ``activation_checkpointing`` or ``fsdp_cpu_offload``.
+        min_gib: Memory per card (GiB) from which ``value`` applies.
+        value: Setting when the card is large enough.
+        below: Setting when it is not.
+        reason: Why, in one sentence (shown in the README's runtime table).
+        sharded_bytes_per_param: Bytes per parameter of FSDP-sharded state in ``min_gib``.
+        full_only: Only for full fine-tuning (LoRA has no optimizer state for the base).
+    """
+
+    setting: str
+    min_gib: float
+    value: Any
+    below: Any
+    reason: str
+    sharded_bytes_per_param: float = 0.0
+    full_only: bool = False
+
+    def threshold_gib(self, gpus: int, default_gpus: int, params: int | None) -> float:
+        """``min_gib`` adjusted for ``gpus`` cards instead of the runtime's default count."""
+        if not self.sharded_bytes_per_param or not params or gpus <= 0:
+            return self.min_gib
+        per_card = self.sharded_bytes_per_param * params / 2**30
+        return self.min_gib - per_card / default_gpus + per_card / gpus
+
+
+@dataclass(frozen=True)
 class Runtime:
     """One fine-tuning runtime.
 
@@ -66,6 +102,8 @@ class Runtime:
         gpu_defaults: Speed settings applied on GPU unless the user sets them: ``packed``,
             ``max_seq_len``, ``compile``, ``activation_checkpointing`` (see README, "Speed").
         defaults: Settings applied on any device unless the user sets them.
+        memory_rules: Settings that depend on the memory of one GPU (see ``MemoryRule``).
+        param_count: Parameters of the model (for the memory rules' sharded state).
     """
 
     name: str
@@ -86,6 +124,8 @@ class Runtime:
     learning_rate: float | None = None
     gpu_defaults: dict[str, Any] = field(default_factory=dict)
     defaults: dict[str, Any] = field(default_factory=dict)
+    memory_rules: tuple[MemoryRule, ...] = ()
+    param_count: int | None = None
 
     @property
     def family(self) -> str:
@@ -95,8 +135,34 @@ class Runtime:
 
 # Alpaca-like samples are ~200 tokens: packing them into 2048-token sequences removes the
 # padding that dominates unpacked batches, and torch.compile fuses the small kernels of 1-3B
-# models. Activation checkpointing keeps the torchtune config's choice.
+# models (and the 70B's, as torchtune's own llama3_3/70B_full_multinode config does).
 FAST_GPU: dict[str, Any] = {"packed": True, "max_seq_len": 2048, "compile": True}
+
+
+def _no_checkpointing(min_gib: float, estimate: str) -> MemoryRule:
+    # Recomputing activations costs a second forward pass of every layer (torchtune's
+    # memory-optimization tutorial: "will slow down training speed"; +27 % tokens/s without
+    # it on Llama 3.2 3B in its table); keep it only where the packed batch would not fit.
+    return MemoryRule(
+        "activation_checkpointing", min_gib, False, True,
+        f"off from {min_gib:g} GiB per card (peak without it at the default packed batch: "
+        f"{estimate}); on below, where the activations would not fit",
+    )
+
+
+# 70B full fine-tuning on 8 cards: bf16 weights + gradients + AdamW's two bf16 states are
+# 8 bytes per parameter, sharded by FSDP (70.6e9 * 8 / 8 = 66 GiB per card); activations
+# (checkpointed), all-gather buffers and the chunked loss need ~34 GiB more. With that room
+# the optimizer stays on the GPU (torchtune's llama3_3/70B_full_multinode config:
+# fsdp_cpu_offload False); on 80 GB cards it is offloaded as torchtune's 70B_full config does.
+LLAMA_70B_OFFLOAD = MemoryRule(
+    "fsdp_cpu_offload", 100.0, False, True,
+    "optimizer kept on the GPU from 100 GiB per card at 8 GPUs (66 GiB of sharded weights, "
+    "gradients and AdamW states + 34 GiB headroom; more with fewer GPUs); offloaded to CPU "
+    "below, as torchtune's 70B_full config does",
+    sharded_bytes_per_param=8.0,
+    full_only=True,
+)
 
 RUNTIMES: dict[str, Runtime] = {
     rt.name: rt
@@ -117,6 +183,8 @@ RUNTIMES: dict[str, Runtime] = {
             pvc_size="20Gi",
             shape=(2048, 16),
             gpu_defaults=FAST_GPU,
+            memory_rules=(_no_checkpointing(40, "~25 GiB, estimated"),),
+            param_count=1_235_814_400,
         ),
         Runtime(
             name="torchtune-llama3.2-3b",
@@ -134,6 +202,8 @@ RUNTIMES: dict[str, Runtime] = {
             pvc_size="40Gi",
             shape=(3072, 28),
             gpu_defaults=FAST_GPU,
+            memory_rules=(_no_checkpointing(70, "~50 GiB, estimated"),),
+            param_count=3_212_749_824,
         ),
         Runtime(
             name="torchtune-llama3.3-70b",
@@ -150,7 +220,11 @@ RUNTIMES: dict[str, Runtime] = {
             default_epochs=1,
             pvc_size="500Gi",
             shape=(8192, 80),
-            gpu_defaults={"packed": True, "max_seq_len": 2048},
+            # Activation checkpointing stays on (the config's): 80 layers of 8192-wide
+            # activations do not fit beside the weights on any card.
+            gpu_defaults=FAST_GPU,
+            memory_rules=(LLAMA_70B_OFFLOAD,),
+            param_count=70_553_706_496,
         ),
         Runtime(
             name="torchtune-qwen2.5-1.5b",
@@ -168,6 +242,8 @@ RUNTIMES: dict[str, Runtime] = {
             pvc_size="20Gi",
             shape=(1536, 28),
             gpu_defaults=FAST_GPU,
+            memory_rules=(_no_checkpointing(40, "~22 GiB, estimated"),),
+            param_count=1_543_714_304,
         ),
         Runtime(
             name="torchtune-llama3.2-tiny",

@@ -31,13 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from kfp_finetune.errors import ConfigError
+from kfp_finetune.submit_checks import normalize_cron, ops_arguments  # noqa: F401 (public here)
 
 TOKEN_ENV = "KFP_TOKEN"
 DEFAULT_EXPERIMENT = "kfp-finetune"
-ACCESS_MODES = ("ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod", "ReadOnlyMany")
-_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
-_DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
 _EQUALS = 1  # kfp's filter operation code for EQUALS
 
 Log = Callable[[str], None]
@@ -129,134 +126,39 @@ def api_errors(conn: Connection) -> Iterator[None]:
         ) from None
 
 
-# --------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------- backend version
 
 
-def normalize_cron(expression: str) -> str:
-    """Return KFP's 6-field cron (seconds first) for a 5- or 6-field cron or an ``@`` macro.
+def backend_version(client: Any, log: Log = print) -> tuple[int, int, int] | None:
+    """Ask the KFP API its release and refuse one older than ``backend.MIN_BACKEND``.
+
+    ``kfp.Client.get_kfp_healthz()`` keeps only ``multi_user`` of the answer; the API server's
+    healthz handler (backend/src/apiserver/main.go: ``newHealthzResponse``) also sends
+    ``tag_name``, so the JSON is read as it is, with the client's own host and credentials.
+
+    Returns:
+        The release, or None when the server does not tell (a warning is logged).
 
     Raises:
-        ConfigError: The expression has another number of fields.
+        ConfigError: The backend is older than the floor.
     """
-    text = " ".join(expression.split())
-    if text.startswith("@"):
-        if re.fullmatch(r"@(yearly|annually|monthly|weekly|daily|midnight|hourly)|@every \S+",
-                        text):
-            return text
-    else:
-        fields = text.split(" ")
-        if len(fields) == 5:
-            return "0 " + text
-        if len(fields) == 6:
-            return text
-    raise ConfigError(
-        f"--schedule {expression!r} is not a cron expression; use 5 fields "
-        "(minute hour day month weekday, e.g. '0 3 * * *' for 03:00 daily), 6 fields with "
-        "seconds first, or a macro such as @daily or '@every 12h'."
-    )
+    from kfp_finetune.backend import MIN_BACKEND, check_backend_version, version_text
 
-
-def _json_arg(text: str | None, name: str, kind: type) -> Any:
-    if text is None:
+    healthz = getattr(client, "_healthz_api", None)  # kfp.Client 2.x
+    if healthz is None:
+        log(f"warning: cannot ask this kfp.Client the backend's release; these pipelines need "
+            f"{version_text(MIN_BACKEND)} or newer.")
         return None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = None
-    if not isinstance(value, kind):
-        example = ('\'{"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}\'' if kind is dict
-                   else '\'[{"key": "nvidia.com/gpu", "operator": "Exists", '
-                        '"effect": "NoSchedule"}]\'')
-        raise ConfigError(
-            f"{name} {text!r} is not a JSON {'object' if kind is dict else 'list'}; write e.g. "
-            f"{name} {example}."
-        )
-    return value
-
-
-def _check_quantity(value: str | None, name: str, example: str) -> None:
-    if value is not None and not _QUANTITY.match(value):
-        raise ConfigError(
-            f"{name} {value!r} is not a Kubernetes quantity; write e.g. {example}."
-        )
-
-
-def ops_arguments(
-    *,
-    push_to: str = "",
-    delete_workspace: bool = False,
-    copy_to_artifact: bool = False,
-    pvc_size: str | None = None,
-    pvc_storage_class: str | None = None,
-    pvc_access_mode: str | None = None,
-    accelerator_type: str | None = None,
-    node_selector: str | None = None,
-    tolerations: str | None = None,
-    cpu_request: str | None = None,
-    memory_request: str | None = None,
-    hf_token_secret: str | None = None,
-    s3_secret: str | None = None,
-) -> dict[str, Any]:
-    """Validate the operations options and turn the given ones into pipeline parameters.
-
-    Options left as None keep the pipeline's defaults.
-
-    Raises:
-        ConfigError: An option is malformed, or ``delete_workspace`` would delete the only copy.
-    """
-    from kfp_finetune.export import parse_destination
-
-    dest = parse_destination(push_to)
-    if delete_workspace and dest is None:
-        raise ConfigError(
-            "--delete-workspace without --push-to would delete the only copy of the model (it "
-            "lives on the workspace volume); add --push-to hf://org/repo or s3://bucket/prefix, "
-            "or keep the volume."
-        )
-    _check_quantity(pvc_size, "--pvc-size", "100Gi")
-    _check_quantity(cpu_request, "--cpu-request", "8 or 7500m")
-    _check_quantity(memory_request, "--memory-request", "64Gi")
-    if pvc_access_mode is not None and pvc_access_mode not in ACCESS_MODES:
-        raise ConfigError(
-            f"--pvc-access-mode {pvc_access_mode!r} is not an access mode; use one of "
-            f"{', '.join(ACCESS_MODES)}."
-        )
-    for name, value in (("--pvc-storage-class", pvc_storage_class),
-                        ("--hf-token-secret", hf_token_secret), ("--s3-secret", s3_secret)):
-        if value is not None and not _DNS_NAME.match(value):
-            raise ConfigError(
-                f"{name} {value!r} is not a Kubernetes object name; use lowercase letters, "
-                "digits, '-' and '.'."
-            )
-    selector = _json_arg(node_selector, "--node-selector", dict)
-    if selector is not None and not all(isinstance(v, str) for v in selector.values()):
-        raise ConfigError(
-            f"--node-selector {node_selector!r}: every label value must be a string; quote "
-            "numbers and booleans."
-        )
-    tols = _json_arg(tolerations, "--tolerations", list)
-    for tol in tols or []:
-        if not isinstance(tol, dict) or not set(tol) <= _TOLERATION_KEYS:
-            raise ConfigError(
-                f"--tolerations item {tol!r} is not a Kubernetes toleration; use only the keys "
-                f"{', '.join(sorted(_TOLERATION_KEYS))}."
-            )
-    args: dict[str, Any] = {
-        "push_to": push_to,
-        "delete_workspace": delete_workspace,
-        "copy_to_artifact": copy_to_artifact,
-        "pvc_size": pvc_size,
-        "pvc_storage_class": pvc_storage_class,
-        "pvc_access_modes": None if pvc_access_mode is None else [pvc_access_mode],
-        "accelerator_type": accelerator_type,
-        "node_selector": selector,
-        "tolerations": tols,
-        "cpu_request": cpu_request,
-        "memory_request": memory_request,
-        "hf_token_secret": hf_token_secret,
-        "s3_secret": s3_secret,
-    }
-    return {k: v for k, v in args.items() if v is not None}
+    body = healthz.api_client.call_api(
+        "/apis/v2beta1/healthz", "GET", header_params={"Accept": "application/json"},
+        response_type="object", auth_settings=["Bearer"], _return_http_data_only=True,
+    )
+    tag = body.get("tag_name") if isinstance(body, dict) else None
+    version = check_backend_version(tag)
+    if version is None:
+        log(f"warning: the KFP API does not tell its release (tag_name {tag!r}); these "
+            f"pipelines need {version_text(MIN_BACKEND)} or newer.")
+    return version
 
 
 # --------------------------------------------------------------------------- submission
@@ -363,6 +265,7 @@ def submit(
             f"--max-concurrency {max_concurrency} must be at least 1 (runs of the schedule "
             "allowed at once)."
         )
+    backend_version(client, log)  # refuses a backend older than the pipelines need
     pipeline_id, version_id, uploaded = upload(client, rt.name, log)
     exp = client.create_experiment(experiment, namespace=namespace)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())

@@ -29,6 +29,7 @@ from typing import Any
 
 from kfp_finetune.dataset_plan import DatasetPlan
 from kfp_finetune.errors import ConfigError
+from kfp_finetune.gpu_defaults import cap_warmup, memory_defaults
 from kfp_finetune.model_check import ModelInfo
 from kfp_finetune.runtimes import Runtime
 from kfp_finetune.types import DataType, LoraConfig, Loss, TorchTuneConfig
@@ -64,6 +65,8 @@ class ResolvedConfig:
     max_steps_per_epoch: int | None = None
     seed: int = 42
     overrides: tuple[str, ...] = ()
+    fsdp_cpu_offload: bool | None = None
+    gpu_memory_gib: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form for JSON and hashing."""
@@ -97,18 +100,27 @@ class RecipeChoice:
         return ["tune", "run", *launch, self.recipe, "--config", str(config_path)]
 
 
-def resolve(runtime: Runtime, config: TorchTuneConfig) -> ResolvedConfig:
+def resolve(runtime: Runtime, config: TorchTuneConfig,
+            gpu_memory_gib: float | None = None) -> ResolvedConfig:
     """Fill the unset fields of ``config`` with the runtime's defaults.
 
     On GPU the runtime's speed defaults (packing, ``max_seq_len``, ``compile``) apply unless the
-    user set them; on CPU none do.
+    user set them, and so do its memory rules for cards of ``gpu_memory_gib`` GiB (activation
+    checkpointing, optimizer offload); on CPU none do.
+
+    Args:
+        runtime: The runtime.
+        config: What the user set.
+        gpu_memory_gib: Memory of one GPU of the training node, or None when unknown (the
+            launcher and the CPU steps; the fine-tune step on the GPU node knows it).
 
     Raises:
         ConfigError: The combination cannot run (QLoRA on CPU, packing without a length, a
             GPU count torchtune has no config for).
     """
     gpus = runtime.default_gpus if config.gpus is None else config.gpus
-    speed = {**runtime.defaults, **(runtime.gpu_defaults if gpus > 0 else {})}
+    speed = {**runtime.defaults, **(runtime.gpu_defaults if gpus > 0 else {}),
+             **memory_defaults(runtime, gpus, gpu_memory_gib, config.peft_config is not None)}
 
     def pick(name: str, default: Any = None) -> Any:
         value = getattr(config, name)
@@ -130,6 +142,8 @@ def resolve(runtime: Runtime, config: TorchTuneConfig) -> ResolvedConfig:
         max_steps_per_epoch=config.max_steps_per_epoch,
         seed=42 if config.seed is None else config.seed,
         overrides=tuple(config.overrides or ()),
+        fsdp_cpu_offload=speed.get("fsdp_cpu_offload"),
+        gpu_memory_gib=gpu_memory_gib if gpus > 0 else None,
     )
     if resolved.packed and resolved.max_seq_len is None:
         raise ConfigError(
@@ -296,6 +310,9 @@ def render_config(
         # AdamW runs on both CUDA and CPU (torch >= 2.4).
         optimizer = {"_component_": "torch.optim.AdamW", "lr": optimizer.get("lr", 2e-5),
                      "fused": True}
+    elif optimizer.get("_component_") == "torch.optim.AdamW":
+        # torchtune's llama3_3/70B_full: "highly recommended to use fused=True" (it ships False).
+        optimizer["fused"] = True
     if cfg.learning_rate is not None:
         optimizer["lr"] = cfg.learning_rate
     conf.update(
@@ -326,8 +343,10 @@ def render_config(
         "compile": cfg.compile,
         "enable_activation_checkpointing": cfg.activation_checkpointing,
         "max_steps_per_epoch": cfg.max_steps_per_epoch,
+        "fsdp_cpu_offload": cfg.fsdp_cpu_offload if choice.distributed else None,
     }
     conf.update({k: v for k, v in knobs.items() if v is not None})
+    cap_warmup(conf)
     if (conf.get("gradient_accumulation_steps") or 1) > 1:
         conf["optimizer_in_bwd"] = False  # torchtune refuses it with gradient accumulation
     if choice.device == "cpu":

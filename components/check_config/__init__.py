@@ -1,0 +1,1 @@
+from .component import check_config  # noqa: F401

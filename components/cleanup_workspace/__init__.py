@@ -1,0 +1,1 @@
+from .component import cleanup_workspace  # noqa: F401

@@ -1,0 +1,192 @@
+"""The cluster-only parts of the pipeline: check-config, the volume, the exit task, settings.
+
+Split from pipeline.py, which builds the pipeline for both targets and calls these only when
+compiling for a cluster.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from kfp import dsl, kubernetes
+
+from kfp_finetune.cluster_ops import GPU_RESOURCE
+from kfp_finetune.components.check_config import check_config
+from kfp_finetune.components.cleanup_workspace import cleanup_workspace
+from kfp_finetune.components.create_workspace import create_workspace
+from kfp_finetune.credentials import HF_TOKEN_ENV, S3_SECRET_KEYS
+from kfp_finetune.runtimes import Runtime
+from kfp_finetune.workspace import WORKSPACE_MOUNT
+
+# GPU node pools are commonly tainted with the GPU resource name; tolerating it is harmless
+# where they are not (a GPU limit alone adds no toleration). Added as a fixed toleration on the
+# GPU runtimes' fine-tune task; the `tolerations` parameter adds more. (Not a parameter default:
+# KFP writes dict defaults into the YAML header in a per-process order, which would make
+# `compile --check` flaky.)
+GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+# Pod activeDeadlineSeconds per attempt (kfp-kubernetes takes a constant, not a parameter).
+INITIALIZER_TIMEOUT_S = 6 * 3600
+EXPORT_TIMEOUT_S = 6 * 3600
+FINE_TUNE_TIMEOUT_S = 72 * 3600
+TINY_FINE_TUNE_TIMEOUT_S = 2 * 3600
+# Requests of the CPU tasks (initializers, export): enough to stream and check files.
+CPU_TASK_CPU_REQUEST = "1"
+CPU_TASK_MEMORY_REQUEST = "4Gi"
+# check-config and cleanup-workspace: a few seconds of plain Python.
+CHECK_CPU_REQUEST = "100m"
+CHECK_MEMORY_REQUEST = "256Mi"
+CHECK_TIMEOUT_S = 600
+# check-config's outputs that feed the fine-tune pod's resource fields, in the order
+# accelerator type, accelerator limit, CPU request, memory request.
+RESOURCE_OUTPUTS = ("accelerator_type", "accelerator_limit", "cpu_request", "memory_request")
+
+
+@dataclass(frozen=True)
+class OpsDefaults:
+    """Runtime-dependent defaults of the operations parameters."""
+
+    cpu_request: str
+    memory_request: str
+    shm_size: str
+    gpu_toleration: bool
+    timeout_s: int
+
+
+def ops_defaults(runtime: Runtime) -> OpsDefaults:
+    """Defaults for a runtime: CPU tasks for the tiny ones, 4 CPUs and 32Gi per GPU otherwise."""
+    gpus = runtime.default_gpus
+    if gpus == 0:
+        return OpsDefaults("2", "8Gi", "1Gi", False, TINY_FINE_TUNE_TIMEOUT_S)
+    return OpsDefaults(str(4 * gpus), f"{32 * gpus}Gi", f"{8 * gpus}Gi", True,
+                       FINE_TUNE_TIMEOUT_S)
+
+
+@dataclass(frozen=True)
+class Tasks:
+    """The four tasks that do the work, on a cluster and locally alike."""
+
+    data: dsl.PipelineTask
+    model: dsl.PipelineTask
+    train: dsl.PipelineTask
+    export: dsl.PipelineTask
+
+
+@dataclass(frozen=True)
+class ClusterParams:
+    """The pipeline parameters (channels) that only the cluster settings use."""
+
+    hf_token_secret: Any
+    s3_secret: Any
+    pvc_size: Any
+    pvc_storage_class: Any
+    pvc_access_modes: Any
+    delete_workspace: Any
+    keep_workspace_on_failure: Any
+    push_to: Any
+    accelerator_type: Any
+    gpus_per_node: Any
+    node_selector: Any
+    tolerations: Any
+    cpu_request: Any
+    memory_request: Any
+
+
+def cluster_prelude(
+    name: str, p: ClusterParams
+) -> tuple[dsl.PipelineTask, dsl.PipelineTask, dsl.PipelineTask]:
+    """Add check-config, the workspace volume after it, and the exit task (cluster only).
+
+    check-config runs first so that a bad pvc_size never reaches CreatePVC (the backend's
+    ``createPVC``, backend/src/v2/driver/k8s.go, parses it with ``MustParse``) and every
+    resource field of the fine-tune pod comes from one of its STRING outputs.
+    """
+    check = check_config(
+        gpus_per_node=p.gpus_per_node, accelerator_type=p.accelerator_type,
+        cpu_request=p.cpu_request, memory_request=p.memory_request, pvc_size=p.pvc_size,
+        pvc_storage_class=p.pvc_storage_class, pvc_access_modes=p.pvc_access_modes,
+        hf_token_secret=p.hf_token_secret, s3_secret=p.s3_secret,
+        delete_workspace=p.delete_workspace, push_to=p.push_to,
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        pipeline=name,
+    )
+    check.set_display_name("check-config")
+    check.set_caching_options(False)  # it names this run's volume
+    check.set_cpu_request(CHECK_CPU_REQUEST).set_memory_request(CHECK_MEMORY_REQUEST)
+    kubernetes.set_timeout(check, CHECK_TIMEOUT_S)
+    # Named kfp-finetune-<run id> (not a suffix, which the backend prefixes with a random
+    # UUID): the exit task derives the same name from the run id alone.
+    pvc = create_workspace(
+        pvc_name=check.outputs["pvc_name"],
+        annotations=check.outputs["pvc_annotations"],
+        access_modes=p.pvc_access_modes,
+        size=p.pvc_size,
+        storage_class_name=p.pvc_storage_class,
+    )
+    pvc.set_display_name("create-workspace")
+    # A cached CreatePVC can hand back a PVC that no longer exists.
+    pvc.set_caching_options(False)
+    cleanup = cleanup_workspace(
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        keep_workspace_on_failure=p.keep_workspace_on_failure,
+        delete_workspace=p.delete_workspace, push_to=p.push_to,
+    )
+    cleanup.set_display_name("cleanup-workspace")
+    cleanup.set_caching_options(False)
+    cleanup.set_cpu_request(CHECK_CPU_REQUEST).set_memory_request(CHECK_MEMORY_REQUEST)
+    cleanup.set_retry(num_retries=2, backoff_duration="30s")
+    kubernetes.set_timeout(cleanup, CHECK_TIMEOUT_S)
+    return check, pvc, cleanup
+
+
+def apply_cluster_settings(
+    ops: OpsDefaults,
+    *,
+    check: dsl.PipelineTask,
+    pvc: dsl.PipelineTask,
+    tasks: Tasks,
+    params: ClusterParams,
+) -> None:
+    """Mount the volume; add Secrets, scheduling, resources, timeouts and retries (cluster only)."""
+    p, t = params, tasks
+    for task in (t.data, t.model, t.train, t.export):
+        kubernetes.mount_pvc(task, pvc_name=pvc.outputs["name"], mount_path=WORKSPACE_MOUNT)
+        task.set_caching_options(False)  # they write to the per-run volume (or push)
+    for task in (t.data, t.model, t.export):
+        kubernetes.use_secret_as_env(
+            task, secret_name=p.hf_token_secret,
+            secret_key_to_env={HF_TOKEN_ENV: HF_TOKEN_ENV}, optional=True,
+        )
+        kubernetes.use_secret_as_env(
+            task, secret_name=p.s3_secret,
+            secret_key_to_env={key: key for key in S3_SECRET_KEYS}, optional=True,
+        )
+        task.set_cpu_request(CPU_TASK_CPU_REQUEST).set_memory_request(CPU_TASK_MEMORY_REQUEST)
+    for task in (t.data, t.model):
+        # Retries are allowed for as long as an attempt may take (Argo's default is 1 h from
+        # the first attempt, which would forbid retrying a long download).
+        task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0,
+                       backoff_max_duration=f"{4 * INITIALIZER_TIMEOUT_S}s")
+        kubernetes.set_timeout(task, INITIALIZER_TIMEOUT_S)
+    t.export.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0,
+                       backoff_max_duration=f"{3 * EXPORT_TIMEOUT_S}s")
+    kubernetes.set_timeout(t.export, EXPORT_TIMEOUT_S)
+
+    train = t.train
+    train.set_retry(num_retries=1, backoff_duration="60s",
+                    backoff_max_duration=f"{2 * ops.timeout_s + 3600}s")
+    # Every resource field from a STRING output of check-config: the backend reads these
+    # placeholders' string values (initPodSpecPatch -> resolvePodSpecInputRuntimeParameter,
+    # backend/src/v2/driver), so an integer parameter here would drop the GPU limit silently.
+    resources = [check.outputs[key] for key in RESOURCE_OUTPUTS]
+    train.set_accelerator_type(resources[0]).set_accelerator_limit(resources[1])
+    train.set_cpu_request(resources[2]).set_memory_request(resources[3])
+    # The SDK does not track channels used only in resource fields; without this it would not
+    # pass them into the exit handler's group (compile fails: "... not found").
+    train.register_pipeline_channels(resources)
+    kubernetes.add_node_selector_json(train, node_selector_json=p.node_selector)
+    if ops.gpu_toleration:
+        kubernetes.add_toleration(train, **GPU_TOLERATION)
+    kubernetes.add_toleration_json(train, toleration_json=p.tolerations)
+    # NCCL and the data loader workers share memory through /dev/shm (64Mi by default).
+    kubernetes.empty_dir_mount(train, volume_name="dshm", mount_path="/dev/shm",
+                               medium="Memory", size_limit=ops.shm_size)
+    kubernetes.set_timeout(train, ops.timeout_s)
