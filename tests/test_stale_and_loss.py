@@ -24,6 +24,7 @@ from kfp_finetune import (
     train,
 )
 from kfp_finetune.cli import main as cli_main
+from kfp_finetune.client.local_backend import LocalBackend, LocalBackendConfig
 from kfp_finetune.completion import planned_steps
 from kfp_finetune.errors import TrainingError, WorkspaceError
 from kfp_finetune.export import export_model
@@ -111,6 +112,7 @@ def test_an_empty_workspace_path_is_refused_and_the_current_directory_is_untouch
         lambda: train(RUNTIME, Initializer(
             dataset=HuggingFaceDatasetInitializer(storage_uri=f"file://{tiny['alpaca']}/data"),
             model=HuggingFaceModelInitializer(storage_uri=str(tiny["llama3_2"]))), workspace=""),
+        lambda: LocalBackend(LocalBackendConfig(workspace="")),  # TrainerClient's local backend
     ):
         with pytest.raises(WorkspaceError, match=r"workspace='\s*' names no folder.*--workspace"):
             call()
