@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import stat
 from pathlib import Path
 
@@ -199,19 +200,25 @@ def test_a_second_run_never_overwrites_the_first_runs_export(full_ws):
     ws = Workspace.at(full_ws)
     first = export_model(full_ws, RUNTIME, log=quiet)  # local run ids are generated
     before = _digest(Path(first.path))
+    # A second run of the same model (same training fingerprint) finds that export instead
+    # of writing an identical copy; a retry of the same run, too.
     second = export_model(full_ws, RUNTIME, log=quiet)
-    assert second.path != first.path and not second.skipped
-    assert _digest(Path(first.path)) == before
-    assert latest_export(ws) == Path(second.path)
-
-    # A retry of the same run finds its export and copies nothing.
+    assert second.path == first.path and second.skipped
     again = export_model(full_ws, RUNTIME, run_id=first.metadata["run_id"], log=quiet)
     assert again.skipped and again.path == first.path
+    assert _digest(Path(first.path)) == before
+    assert latest_export(ws) == Path(first.path)
 
-    # An explicit name: the first run gets it, another run is refused and changes nothing.
+    # An explicit name: the first run gets it, a re-run of the same model is skipped as done,
+    # and a different model under that name is refused and changes nothing. (A different
+    # model stands in here as another training fingerprint in the export's manifest; the
+    # real retraining case is in test_stale_and_loss.py.)
     named = export_model(full_ws, RUNTIME, name="my-model", run_id="run-a", log=quiet)
+    assert export_model(full_ws, RUNTIME, name="my-model", run_id="run-b", log=quiet).skipped
+    manifest = json.loads((Path(named.path) / MANIFEST).read_text())
+    (Path(named.path) / MANIFEST).write_text(json.dumps({**manifest, "fingerprint": "other"}))
     kept = _digest(Path(named.path))
-    with pytest.raises(WorkspaceError, match="run 'run-a'.*never overwrites"):
+    with pytest.raises(WorkspaceError, match="different model .run 'run-a'.*never overwrites"):
         export_model(full_ws, RUNTIME, name="my-model", run_id="run-b", log=quiet)
     assert _digest(Path(named.path)) == kept
     assert latest_export(ws, "my-model") == Path(named.path)
@@ -279,9 +286,18 @@ def test_s3_push_copies_every_file_manifest_last_and_never_over_another_run(full
     assert s3.order[-1] == f"{prefix}/{MANIFEST}"
     files = {k[1] for k in s3.objects}
     assert f"{prefix}/config.json" in files and f"{prefix}/model.safetensors.index.json" in files
-    # A second run that names the same prefix is refused (it would overwrite).
-    with pytest.raises(WorkspaceError, match="another run"):
-        push(folder, "s3://models/tiny", "s3-run-2", quiet, s3)
+    # A second run of another model that names the same prefix is refused (it would
+    # overwrite); a second run of the same model (training fingerprint) finds it uploaded.
+    count = len(s3.order)
+    push(folder, "s3://models/tiny", "s3-run-2", quiet, s3)
+    assert len(s3.order) == count
+    other = folder.parent / ".other" / folder.name
+    other.mkdir(parents=True)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    (other / MANIFEST).write_text(json.dumps({**manifest, "fingerprint": "other"}))
+    with pytest.raises(WorkspaceError, match="different model"):
+        push(other, "s3://models/tiny", "s3-run-2", quiet, s3)
+    shutil.rmtree(other.parent)
     # A retry of the same run is a no-op.
     count = len(s3.order)
     push(folder, "s3://models/tiny", "s3-run-1", quiet, s3)

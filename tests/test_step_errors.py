@@ -32,6 +32,7 @@ from kfp_finetune.types import (
     TorchTuneConfig,
     TorchTuneInstructDataset,
 )
+from kfp_finetune.workspace import Workspace
 
 TINY = "torchtune-llama3.2-tiny"
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -42,7 +43,7 @@ def _step(ws: Path, raising: str, kfp_runtime: bool = True) -> subprocess.Comple
     variable that kfp's component_factory (``_get_command_and_args_for_lightweight_component``)
     sets for every Python component."""
     code = textwrap.dedent(f"""
-        from kfp_finetune.errors import DatasetError
+        from kfp_finetune.errors import DatasetError, WorkspaceError
         from kfp_finetune.step_errors import step_errors
         print("[dataset] working", flush=True)
         with step_errors("dataset-initializer", {str(ws)!r}):
@@ -56,6 +57,7 @@ def _step(ws: Path, raising: str, kfp_runtime: bool = True) -> subprocess.Comple
 
 
 def test_a_domain_error_ends_the_task_with_one_line_and_exit_2(tmp_path: Path) -> None:
+    Workspace.at(tmp_path)  # the error is recorded in a workspace only
     proc = _step(tmp_path, 'DatasetError("column_map names a column the data lacks: x")')
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
@@ -88,6 +90,14 @@ def test_a_missing_workspace_is_not_created_to_hold_the_error(tmp_path: Path) ->
     proc = _step(tmp_path / "absent", 'DatasetError("x")')
     assert proc.returncode == 2 and proc.stderr.strip() == f"{PREFIX}DatasetError: x"
     assert not (tmp_path / "absent").exists()
+
+
+def test_nothing_is_written_into_a_folder_that_is_not_a_workspace(tmp_path: Path) -> None:
+    # e.g. the user's own folder that the step refused as its workspace (issue 15)
+    (tmp_path / "notes.txt").write_text("mine")
+    proc = _step(tmp_path, 'WorkspaceError("not a workspace")')
+    assert proc.returncode == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_a_multi_line_message_becomes_its_first_and_last_line() -> None:

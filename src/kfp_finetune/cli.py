@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from kfp_finetune.errors import ConfigError, KfpFinetuneError
+from kfp_finetune.ownership import check_workspace_path
 
 DEFAULT_WORKSPACE = "kfp-finetune-workspace"
 
@@ -106,6 +107,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "`kfp-finetune run` runs the pipeline on this machine and needs --local; for a "
             "cluster, upload compiled/<runtime>.yaml to Kubeflow Pipelines."
         )
+    check_workspace_path(args.workspace, "--workspace")  # never '' (the current directory)
     config = _config_from_args(args)
     result = run_local(
         args.runtime, args.model_uri, args.dataset_uri, config, args.workspace, args.export_name
@@ -139,7 +141,8 @@ def _cmd_fixtures(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from kfp_finetune.fixtures import make_fixtures
 
-    fixtures = make_fixtures(Path(args.workspace).resolve().parent / "kfp-finetune-fixtures")
+    workspace = check_workspace_path(args.workspace, "--workspace")
+    fixtures = make_fixtures(workspace.parent / "kfp-finetune-fixtures")
     args.local = True
     args.runtime = "torchtune-llama3.2-tiny"
     args.model_uri = str(fixtures["llama3_2"])

@@ -16,9 +16,10 @@ vLLM load like any other checkpoint; ``adapter/`` holds the adapter alone, for
 
 Runs never overwrite each other's models. The default name, ``<base model>-finetuned-<run>``,
 carries the run id (the KFP run's UUID; locally a timestamp), so every run exports to a folder
-of its own; an explicit ``export_name`` that already holds another run's export is refused,
-and so is an S3 destination that does. A retry of the same run finds its finished export and
-does nothing.
+of its own; an explicit ``export_name`` that already holds a different model is refused, and
+so is an S3 destination that does. A re-run whose model (training fingerprint: config, data and
+base model content) is already exported, under the given name or, for the default name, under
+any name, finds that export and does nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kfp_finetune.completion import check_trained_on_workspace, export_matches
 from kfp_finetune.credentials import hf_secret_command, hf_token
 from kfp_finetune.errors import ConfigError, ModelError, SourceError, WorkspaceError
 from kfp_finetune.uris import redact_uri
@@ -313,11 +315,13 @@ def _push_s3(
                 raise
             existing = None
         if existing is not None:
-            if existing.get("run_id") == run_id:
+            ours = read_manifest(folder) or {}
+            if existing.get("run_id") == run_id or (
+                    ours.get("fingerprint") and existing.get("fingerprint") == ours["fingerprint"]):
                 log(f"[export] {location} already holds this run's model; not uploading again.")
                 return location
             raise WorkspaceError(
-                f"{location} already holds the model of another run ({existing.get('run_id')!r});"
+                f"{location} already holds a different model (run {existing.get('run_id')!r});"
                 " exports never overwrite each other: leave export_name empty (every run gets "
                 "its own folder) or choose another push_to prefix."
             )
@@ -459,6 +463,9 @@ def _model_card(meta: dict[str, Any]) -> str:
         + (f" (revision `{meta['base_model_revision']}`)" if meta.get("base_model_revision")
            else ""),
         f"- dataset: `{meta['dataset']}`",
+        *([f"- trained on content: dataset `{meta['inputs'].get('dataset')}`, base model "
+           f"`{meta['inputs'].get('model')}`, config `{meta['inputs'].get('config')}` "
+           "(kfp-finetune content digests)"] if isinstance(meta.get("inputs"), dict) else []),
         f"- final training loss: {loss:.4f}" if isinstance(loss, float) else "- final loss: n/a",
         f"- run: `{meta['run_id']}`",
     ]
@@ -469,6 +476,38 @@ def _model_card(meta: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- the step
+
+
+def _existing_export(
+    ws: Workspace, final: Path, name: str, run_id: str, fingerprint: str
+) -> dict[str, Any] | None:
+    """The manifest of a whole export of this model to reuse, or None to export now.
+
+    The export at ``final`` is reused when it holds the same model (training fingerprint);
+    with the default name, so is any finished export of the same model.
+
+    Raises:
+        WorkspaceError: ``final`` holds a different model of another run, or something
+            this step did not write.
+    """
+    done = read_manifest(final)
+    if export_matches(final, done, fingerprint):
+        return done
+    if final.exists() and (done is None or done.get("run_id") != run_id) and not (
+            done is not None and done.get("fingerprint") == fingerprint):
+        owner = (f"a different model (run {done.get('run_id')!r})" if done
+                 else "something not exported by this step")
+        raise WorkspaceError(
+            f"{str(final)!r} already holds {owner}; an export never overwrites another: leave "
+            "export_name empty (every run gets its own folder), choose another name, or move "
+            "that folder away."
+        )
+    if not name and not final.exists():
+        for manifest in reversed(list_exports(ws)):
+            path = ws.output_dir / Path(str(manifest.get("path", ""))).name
+            if export_matches(path, manifest, fingerprint):
+                return manifest
+    return None
 
 
 def export_model(
@@ -509,19 +548,15 @@ def export_model(
     trained = require_complete(ws.checkpoints_dir, "fine-tune")
     base = require_complete(ws.model_dir, "model-initializer")
     dataset = require_complete(ws.dataset_dir, "dataset-initializer")
+    check_trained_on_workspace(ws, trained)  # checkpoint whole, inputs as trained
     final = export_path(ws, name, run_id)
     src = ws.checkpoints_dir / trained["final_epoch_dir"]
 
-    done = read_manifest(final)
-    if final.exists() and (done is None or done.get("run_id") != run_id):
-        owner = f"run {done.get('run_id')!r}" if done else "something not exported by this step"
-        raise WorkspaceError(
-            f"{str(final)!r} already holds {owner}; an export never overwrites another: leave "
-            "export_name empty (every run gets its own folder), choose another name, or delete "
-            "that folder."
-        )
-    if done is not None and done.get("fingerprint") == trained["fingerprint"]:
-        log(f"[export] {final} already holds this run's model; not copying again.")
+    done = _existing_export(ws, final, name, run_id, trained["fingerprint"])
+    if done is not None:
+        final = ws.output_dir / Path(str(done.get("path") or final)).name
+        log(f"[export] {final} already holds this model (training fingerprint "
+            f"{trained['fingerprint']}); not copying again.")
         destinations = push(final, push_to, run_id, log, client)
         return ExportSummary(str(final), done.get("adapter_path"), len(done["files"]),
                              sum(f["bytes"] for f in done["files"]), done, True, destinations)
@@ -557,6 +592,7 @@ def export_model(
             "base_model": base["source"],
             "base_model_revision": base.get("revision"),
             "dataset": dataset["source"],
+            "inputs": trained.get("inputs"),
             "recipe": trained["recipe"],
             "config": trained["config"],
             "training": trained["resolved"],

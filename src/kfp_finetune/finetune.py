@@ -2,18 +2,20 @@
 
 A GPU hour must never be wasted:
 
-* a re-run of a finished run (same rendered config) does not train again;
+* a re-run of a finished run (same inputs: rendered config, and the content of every dataset
+  and model file) does not train again, provided its checkpoint is still whole on the volume;
 * a retry after a lost pod resumes from the last epoch checkpoint and recipe state on the
   volume (``resume_from_checkpoint``) instead of starting over;
-* anything else on the volume (a different config, a checkpoint that does not load) is
-  cleared and training starts from the base model.
+* anything else on the volume (other inputs, a checkpoint that does not load) is cleared and
+  training starts from the base model; a folder there that kfp-finetune did not write is
+  refused, never deleted;
+* a config that would take no optimizer step on the data is refused before ``tune run``, and
+  a run that logged no step is never marked finished.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +25,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kfp_finetune.dataset_plan import plan_dataset
+from kfp_finetune.completion import (
+    RUN_FILE,  # noqa: F401 - the name callers import from this module
+    changed_inputs,
+    check_steps,
+    checkpoint_complete,
+    checkpoint_files,
+    checkpoint_problem,
+    epoch_dirs,
+    inputs_fingerprint,
+    no_steps_message,
+    prepare_output,
+    resumable_epochs,  # noqa: F401 - public before it moved to completion.py
+)
+from kfp_finetune.content import dataset_cache
+from kfp_finetune.dataset_plan import DatasetPlan, plan_dataset
 from kfp_finetune.errors import (
     DatasetError,
     KfpFinetuneError,
@@ -33,7 +49,7 @@ from kfp_finetune.errors import (
 )
 from kfp_finetune.gpu_defaults import detect_gpu_memory_gib
 from kfp_finetune.gpus import check_gpus_visible
-from kfp_finetune.model_check import check_model, check_safetensors
+from kfp_finetune.model_check import check_model
 from kfp_finetune.pretokenize import pretokenized_conf
 from kfp_finetune.runtimes import Runtime, get_runtime
 from kfp_finetune.training_log import losses, read_metric_rows, read_metrics, summarize
@@ -57,7 +73,6 @@ from kfp_finetune.workspace import (
     write_json_atomic,
 )
 
-RUN_FILE = ".kfp-finetune-run.json"  # written when training starts: what is being trained
 LOCK_FILE = ".kfp-finetune-fine-tune.lock"  # held while a fine-tune step works on the volume
 _SAMPLE_ROWS = 256  # rows tokenized before `tune run` when max_seq_len truncates samples
 _DISK_FULL = ("No space left on device", "Errno 28", "file write failed", "Disk quota exceeded")
@@ -104,82 +119,28 @@ def prepare_training(
     ws: Workspace, runtime: Runtime, resolved: ResolvedConfig, preprocess: TorchTuneInstructDataset
 ) -> tuple[RecipeChoice, dict[str, Any]]:
     """Check the workspace's dataset and model and render the torchtune config."""
-    require_complete(ws.dataset_dir, "dataset-initializer")
+    choice, conf, _ = _prepare(ws, runtime, resolved, preprocess)
+    return choice, conf
+
+
+def _prepare(
+    ws: Workspace, runtime: Runtime, resolved: ResolvedConfig, preprocess: TorchTuneInstructDataset
+) -> tuple[RecipeChoice, dict[str, Any], DatasetPlan]:
+    dataset = require_complete(ws.dataset_dir, "dataset-initializer")
     require_complete(ws.model_dir, "model-initializer")
     info = check_model(ws.model_dir, runtime)
-    plan = plan_dataset(ws.dataset_dir, preprocess, ws.cache_dir / "datasets")
-    return render_config(
+    cache = dataset_cache(ws.cache_dir / "datasets", ws.dataset_dir, dataset)
+    plan = plan_dataset(ws.dataset_dir, preprocess, cache)
+    choice, conf = render_config(
         runtime,
         resolved,
         model_dir=ws.model_dir,
         model=info,
         dataset=plan,
         output_dir=ws.checkpoints_dir,
-        cache_dir=ws.cache_dir / "datasets",
+        cache_dir=cache,
     )
-
-
-def _epoch_dirs(out: Path) -> list[Path]:
-    return sorted(
-        (p for p in out.glob("epoch_*") if p.is_dir() and p.name[6:].isdigit()),
-        key=lambda p: int(p.name[6:]),
-    )
-
-
-def _whole(path: Path) -> bool:
-    """Whether ``path`` is a complete safetensors file (a write cut by a kill is not)."""
-    try:
-        check_safetensors(path)
-    except (KfpFinetuneError, OSError):
-        return False
-    return True
-
-
-def _shard_names(epoch_dir: Path) -> list[str] | None:
-    """Model weight files of an epoch folder in shard order (from its index when it has one).
-
-    Returns None when the index exists but cannot be read.
-    """
-    index = epoch_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError):
-            return None
-    return sorted(p.name for p in epoch_dir.glob("*.safetensors")
-                  if not p.name.startswith("adapter"))
-
-
-def _checkpoint_complete(epoch_dir: Path) -> bool:
-    """Whether every weight shard of the epoch is on disk, whole."""
-    names = _shard_names(epoch_dir)
-    return bool(names) and all(
-        (epoch_dir / n).is_file() and _whole(epoch_dir / n) for n in names or ()
-    )
-
-
-def _shards(epoch_dir: Path) -> list[str]:
-    """Weight files of an epoch folder, relative to its parent, in shard order."""
-    return [f"{epoch_dir.name}/{name}" for name in _shard_names(epoch_dir) or ()]
-
-
-def resumable_epochs(out: Path) -> int:
-    """Epochs a previous attempt finished and checkpointed with its recipe state, or 0.
-
-    The recipe state must load and the epoch it names must have all its weight shards;
-    otherwise the attempt cannot be resumed and 0 is returned.
-    """
-    state = out / "recipe_state" / "recipe_state.pt"
-    if not state.is_file():
-        return 0
-    try:
-        import torch
-
-        epochs_run = int(torch.load(state, map_location="cpu", weights_only=True)["epochs_run"])
-    except Exception:  # a state cut short by the kill does not load: start over
-        return 0
-    epoch_dir = out / f"epoch_{epochs_run - 1}"
-    return epochs_run if epochs_run > 0 and _checkpoint_complete(epoch_dir) else 0
+    return choice, conf, plan
 
 
 def run_fine_tune(
@@ -227,35 +188,15 @@ def _run_locked(
     """The fine-tune step while it holds the workspace's fine-tune lock."""
     from omegaconf import OmegaConf
 
-    choice, conf = prepare_training(ws, runtime, resolved, preprocess)
-    fingerprint = config_fingerprint(conf)
+    choice, conf, plan = _prepare(ws, runtime, resolved, preprocess)
+    fingerprint, inputs = inputs_fingerprint(ws, config_fingerprint(conf))
     out = ws.checkpoints_dir
     config_path = out / CONFIG_FILE
-    done = read_manifest(out)
-    if done is not None and done.get("fingerprint") == fingerprint:
-        log(f"[fine-tune] {out} already holds the finished run of this config; not training again.")
-        return TrainSummary(str(out / done["final_epoch_dir"]), str(config_path), choice.recipe,
-                            choice.config, read_metrics(out / "logs"), 0.0, True,
-                            done.get("resumed_from_epoch", 0), done.get("metrics", {}))
-    started = _read_json(out / RUN_FILE)
-    resume_from = 0
-    if started is not None and started.get("fingerprint") == fingerprint:
-        resume_from = resumable_epochs(out)
-    if resume_from:
-        log(f"[fine-tune] resuming: {resume_from} of {resolved.epochs} epoch(s) are already "
-            f"checkpointed in {out}")
-        conf["resume_from_checkpoint"] = True
-        if resolved.peft is None:
-            # Full fine-tuning resumes from the weights saved in output_dir (torchtune looks
-            # the files up there); LoRA resumes from the base model plus the saved adapter.
-            conf["checkpointer"]["checkpoint_files"] = _shards(out / f"epoch_{resume_from - 1}")
-    else:
-        if out.exists():
-            log(f"[fine-tune] clearing unfinished or different earlier output in {out}")
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        write_json_atomic(out / RUN_FILE, {"fingerprint": fingerprint,
-                                           "resolved": resolved.to_dict()})
+    finished = _finished_run(out, fingerprint, inputs, choice, log)
+    if finished is not None:
+        return finished
+    check_steps(plan.rows, conf, choice.nproc)  # before anything on the volume is cleared
+    resume_from = prepare_output(out, fingerprint, inputs, resolved, conf, log)
     # The fingerprint above is of torchtune's own dataset section: the store holds the very
     # same tensors, so a run resumes whichever of the two feeds it.
     pretokenized = pretokenized_conf(ws, conf, log)
@@ -284,18 +225,25 @@ def _run_locked(
             raise full from None
         raise
     seconds = time.monotonic() - start
-    epochs = _epoch_dirs(out)
-    if not epochs or not _checkpoint_complete(epochs[-1]):
+    epochs = epoch_dirs(out)
+    if not epochs or not checkpoint_complete(epochs[-1]):
         raise TrainingError(
             f"torchtune finished but wrote no complete checkpoint under {out}; see the log above."
         )
     final = epochs[-1]
     rows = read_metric_rows(out / "logs")
+    if not rows and int(conf.get("log_every_n_steps") or 1) == 1:
+        # Every optimizer step is logged, so none logged means none taken: the checkpoint
+        # is the base model unchanged, never a "fine-tuned" one.
+        raise TrainingError(no_steps_message(
+            plan.rows, int(conf.get("batch_size") or 1),
+            int(conf.get("gradient_accumulation_steps") or 1), choice.nproc))
     metrics = summarize(rows, choice.nproc)
     metrics["wall_seconds"] = round(seconds, 3)
     write_json_atomic(
         out / MANIFEST,
-        {"fingerprint": fingerprint, "final_epoch_dir": final.name, "recipe": choice.recipe,
+        {"fingerprint": fingerprint, "inputs": inputs, "final_epoch_dir": final.name,
+         "checkpoint_files": checkpoint_files(final), "recipe": choice.recipe,
          "config": choice.config, "resolved": resolved.to_dict(), "seconds": round(seconds, 3),
          "final_loss": metrics["final_loss"], "resumed_from_epoch": resume_from,
          "metrics": metrics},
@@ -303,6 +251,28 @@ def _run_locked(
     log(f"[fine-tune] done in {seconds:.1f} s; checkpoint {final}")
     return TrainSummary(str(final), str(config_path), choice.recipe, choice.config,
                         losses(rows), round(seconds, 3), False, resume_from, metrics)
+
+
+def _finished_run(
+    out: Path, fingerprint: str, inputs: dict[str, str], choice: RecipeChoice, log: Any
+) -> TrainSummary | None:
+    """The finished run of these inputs when it is still whole on the volume, else None."""
+    done = read_manifest(out)
+    if done is None:
+        return None
+    if done.get("fingerprint") != fingerprint:
+        log(f"[fine-tune] {out} holds a run of other inputs (changed: "
+            f"{changed_inputs(done, inputs)}); training again.")
+        return None
+    problem = checkpoint_problem(out, done)
+    if problem is not None:
+        log(f"[fine-tune] the finished run in {out} cannot be used: {problem}; training again.")
+        return None
+    log(f"[fine-tune] {out} already holds the finished run of these inputs (config, data and "
+        "model content); not training again.")
+    return TrainSummary(str(out / done["final_epoch_dir"]), str(out / CONFIG_FILE), choice.recipe,
+                        choice.config, read_metrics(out / "logs"), 0.0, True,
+                        done.get("resumed_from_epoch", 0), done.get("metrics", {}))
 
 
 def _weight_bytes(ws: Workspace, conf: dict[str, Any]) -> int:
@@ -383,13 +353,6 @@ def check_samples_fit(conf: dict[str, Any], log: Any = _print) -> None:
     if empty:
         log(f"[fine-tune] warning: max_seq_len={max_seq_len} cuts {len(empty)} of the first "
             f"{rows} rows before their response (rows {empty[:5]}); they teach nothing.")
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _tune_executable() -> list[str]:

@@ -116,8 +116,9 @@ def run_local(
     arguments = pipeline_arguments(
         runtime_name, model_uri, dataset_uri, config, export_name, model_ignore_patterns
     )
-    ws = Workspace.at(workspace)
+    ws = Workspace.at(workspace, adopt=False)  # refused before the lock file is written
     with workspace_lock(ws.root, "kfp-finetune run --local"), task_scope() as scratch:
+        Workspace.at(ws.root)  # adopted (marker written) only by the run that holds the lock
         local.init(
             runner=local.SubprocessRunner(use_venv=False),
             pipeline_root=str(ws.root / ".kfp-local-outputs"),

@@ -99,18 +99,19 @@ def unsupported_reason(conf: dict[str, Any]) -> str | None:
     return None
 
 
-def _source_identity(folder: Path) -> dict[str, Any]:
-    manifest = read_manifest(folder) or {}
-    return {k: manifest.get(k) for k in ("source", "revision", "version", "fetch_key", "files")}
-
-
 def store_fingerprint(ws: Workspace, conf: dict[str, Any]) -> str:
-    """What the store depends on: tokenizer and dataset config, data and model, versions."""
+    """What the store depends on: tokenizer and dataset config, data and model, versions.
+
+    The data and model enter by content (the initializers' sha256 records, re-hashed only
+    where a file's stat changed), as the fine-tune step's own inputs fingerprint does.
+    """
     from kfp_finetune import __version__
+    from kfp_finetune.content import folder_digest
 
     parts = {"format": FORMAT, "kfp_finetune": __version__, "torchtune": version("torchtune"),
              "tokenizer": conf.get("tokenizer"), "dataset": conf.get("dataset"),
-             "data": _source_identity(ws.dataset_dir), "model": _source_identity(ws.model_dir)}
+             "data": folder_digest(ws.dataset_dir, read_manifest(ws.dataset_dir)),
+             "model": folder_digest(ws.model_dir, read_manifest(ws.model_dir))}
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

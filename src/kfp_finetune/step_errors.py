@@ -24,6 +24,7 @@ from pathlib import Path
 
 from kfp_finetune import errors
 from kfp_finetune.errors import KfpFinetuneError
+from kfp_finetune.ownership import WORKSPACE_MARKER
 
 PREFIX = "kfp-finetune: error: "
 INTERRUPTED = "kfp-finetune: interrupted"
@@ -73,7 +74,9 @@ def _write_record(workspace: str | Path | None, step: str, exc: KfpFinetuneError
     if workspace is None:  # a task that mounts no workspace (check-config, cleanup)
         return
     root = Path(workspace)
-    if not root.is_dir():  # never create a workspace just to write an error into it
+    # Never create a workspace just to write an error into it, and never write into a folder
+    # that is not one (an empty path, a user's folder the step refused).
+    if not str(workspace).strip() or not (root / WORKSPACE_MARKER).is_file():
         return
     path = record_path(root)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -9,13 +9,13 @@ finished.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kfp_finetune.content import dataset_cache, hashed_records, records_intact
 from kfp_finetune.dataset_plan import EXTENSIONS, DatasetPlan, plan_dataset
 from kfp_finetune.errors import WorkspaceError
 from kfp_finetune.model_check import (
@@ -25,6 +25,7 @@ from kfp_finetune.model_check import (
     check_model_files,
     read_config,
 )
+from kfp_finetune.ownership import ensure_owned, remove_owned
 from kfp_finetune.runtimes import get_runtime
 from kfp_finetune.storage import (
     FetchOptions,
@@ -75,33 +76,21 @@ def _initialize(
 ) -> FetchSummary:
     """Fetch ``uri`` into ``folder`` once: skip finished work, resume interrupted work.
 
-    A folder whose manifest records the same source, options and (remote) version is kept
-    without any request for file content. Otherwise the files go to a staging folder named
-    after the source (so an interrupted run resumes there), the manifest is written last and
-    the staging folder replaces ``folder`` in one rename.
+    A folder whose manifest records the same source, options and (remote) version, and whose
+    files still have their recorded content, is kept without any request for file content.
+    A folder that kfp-finetune did not write (no manifest) is refused, never replaced.
+    Otherwise the files go to a staging folder named after the source (so an interrupted run
+    resumes there), the manifest is written last and the staging folder replaces ``folder``
+    in one rename.
     """
     start = time.monotonic()
     opts = options or FetchOptions(kind=kind)
     policy = retry or RetryPolicy.from_env()
     key = digest([uri.describe(), opts.fingerprint()])
-    manifest = read_manifest(folder)
-    if manifest is not None and manifest.get("source") == uri.describe() \
-            and manifest.get("fetch_key") == key and _files_intact(folder, manifest):
-        current = remote_version(uri, kind, policy, log)
-        if current is None or current == manifest.get("version"):
-            files = manifest.get("files", [])
-            seconds = round(time.monotonic() - start, 3)
-            log(f"[{kind}] {uri.describe()} is already complete in {folder} "
-                f"(revision {manifest.get('revision') or manifest.get('version')}); skipping "
-                "the download.")
-            return FetchSummary(
-                uri.describe(), len(files), sum(f["bytes"] for f in files), seconds, True,
-                str(manifest.get("revision") or manifest.get("version") or ""),
-            )
-        log(f"[{kind}] {uri.describe()} changed since it was fetched; fetching it again.")
-    elif manifest is not None:
-        log(f"[{kind}] {folder} holds {manifest.get('source')!r}; replacing it with "
-            f"{uri.describe()}.")
+    ensure_owned(folder)  # before any download: a user's own model/ or dataset/ stays
+    done = _complete_copy(uri, folder, kind, key, policy, log, start)
+    if done is not None:
+        return done
     log(f"[{kind}] fetching {uri.describe()} into {folder}")
     staging_root = ws.root / ".staging"
     locks = staging_root / ".locks"
@@ -112,11 +101,13 @@ def _initialize(
             result = fetch(uri, staging, opts, log=log, retry=policy)
         except BaseException:
             if uri.scheme == "file":
-                shutil.rmtree(staging, ignore_errors=True)
+                remove_owned(staging)
             else:
                 log(f"[{kind}] download stopped; finished files stay in {staging} and a re-run "
                     "resumes from there.")
             raise
+        # Content hashes, cached with each file's stat: re-runs compare content, not names.
+        files = hashed_records(staging, result.files)
         seconds = round(time.monotonic() - start, 3)
         total = sum(f["bytes"] for f in result.files)
         install(
@@ -125,7 +116,7 @@ def _initialize(
             {"source": uri.describe(), "kind": kind, "scheme": uri.scheme,
              "requested_revision": uri.revision, "revision": result.revision,
              "version": result.version, "fetch_key": key, "options": opts.fingerprint(),
-             "files": result.files, "bytes": total, "seconds": seconds,
+             "files": files, "bytes": total, "seconds": seconds,
              "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         )
     # Staging folders of earlier sources of this kind are stale, unless a process fetches
@@ -133,7 +124,7 @@ def _initialize(
     for stale in staging_root.glob(f"{kind}-*"):
         try:
             with workspace_lock(locks, "removing a stale staging folder", f"{stale.name}.lock"):
-                shutil.rmtree(stale, ignore_errors=True)
+                remove_owned(stale)
         except WorkspaceError:
             continue
     rate = total / seconds / 2**20 if seconds > 0 else 0.0
@@ -144,14 +135,42 @@ def _initialize(
                         str(result.revision or result.version or ""))
 
 
+def _complete_copy(
+    uri: StorageUri, folder: Path, kind: str, key: str, policy: RetryPolicy, log: Log,
+    start: float,
+) -> FetchSummary | None:
+    """The summary of a finished copy of ``uri`` in ``folder`` to keep, or None to fetch.
+
+    Kept when the manifest records the same source and options, every file still has its
+    recorded size and content, and the source's version (metadata only) is unchanged.
+    """
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return None
+    if manifest.get("source") != uri.describe() or manifest.get("fetch_key") != key:
+        log(f"[{kind}] {folder} holds {manifest.get('source')!r}; replacing it with "
+            f"{uri.describe()}.")
+        return None
+    if not _files_intact(folder, manifest):
+        log(f"[{kind}] a file in {folder} was changed or removed since it was fetched; "
+            "fetching it again.")
+        return None
+    current = remote_version(uri, kind, policy, log)
+    if current is not None and current != manifest.get("version"):
+        log(f"[{kind}] {uri.describe()} changed since it was fetched; fetching it again.")
+        return None
+    files = manifest.get("files", [])
+    revision = manifest.get("revision") or manifest.get("version")
+    log(f"[{kind}] {uri.describe()} is already complete in {folder} (revision {revision}); "
+        "skipping the download.")
+    return FetchSummary(uri.describe(), len(files), sum(f["bytes"] for f in files),
+                        round(time.monotonic() - start, 3), True, str(revision or ""))
+
+
 def _files_intact(folder: Path, manifest: dict[str, Any]) -> bool:
-    """Whether every file of the manifest is still there with its recorded size."""
-    try:
-        return all(
-            (folder / f["path"]).stat().st_size == f["bytes"] for f in manifest.get("files", [])
-        )
-    except (OSError, KeyError, TypeError):
-        return False
+    """Whether every file of the manifest is still there with its recorded size and content."""
+    files = manifest.get("files", [])
+    return isinstance(files, list) and records_intact(folder, files)
 
 
 @dataclass(frozen=True)
@@ -197,7 +216,8 @@ def initialize_dataset(
     )
     ws = Workspace.at(workspace)
     summary = _initialize(ws, uri, ws.dataset_dir, "dataset", log, options, retry)
-    plan = plan_dataset(ws.dataset_dir, preprocess, ws.cache_dir / "datasets")
+    cache = dataset_cache(ws.cache_dir / "datasets", ws.dataset_dir, read_manifest(ws.dataset_dir))
+    plan = plan_dataset(ws.dataset_dir, preprocess, cache)
     log(
         f"[dataset] {plan.rows} rows, columns {plan.columns}; read as {plan.kind} data with "
         f"{plan.builder}"

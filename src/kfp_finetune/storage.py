@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 from kfp_finetune.credentials import redact
 from kfp_finetune.errors import DatasetError, KfpFinetuneError, ModelError, SourceError
+from kfp_finetune.ownership import remove_owned
 from kfp_finetune.uris import StorageUri
 from kfp_finetune.workspace import check_free_space, disk_errors
 
@@ -384,13 +385,13 @@ def fetch(
             )
         size = path.stat().st_size
         if item.size is not None and size != item.size:
-            path.unlink()
+            remove_owned(path)
             raise SourceError(
                 f"{item.path} of {uri.describe()!r} has {size} bytes but the source lists "
                 f"{item.size}; the download was cut short. Re-run the step (it resumes)."
             )
         files.append({"path": item.path, "bytes": size})
-    shutil.rmtree(dest / ".cache", ignore_errors=True)
+    remove_owned(dest / ".cache")
     return FetchResult(
         version=listing.version,
         revision=listing.revision,
@@ -425,15 +426,17 @@ def _parallel(fn: Callable[[RemoteFile], None], items: list[RemoteFile], workers
 
 
 def _prune(dest: Path, keep: set[str]) -> None:
-    """Remove files of an earlier attempt that the current selection does not include."""
+    """Remove files of an earlier attempt that the current selection does not include.
+
+    Only in a workspace's staging area (``remove_owned`` refuses anything else).
+    """
     for path in sorted(dest.rglob("*"), reverse=True):
         rel = path.relative_to(dest)
         if rel.parts and rel.parts[0] == ".cache":
             continue
-        if path.is_file() and rel.as_posix() not in keep:
-            path.unlink()
-        elif path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
+        if (path.is_file() and rel.as_posix() not in keep) or (
+                path.is_dir() and not any(path.iterdir())):
+            remove_owned(path)
 
 
 def digest(items: Iterable[Any]) -> str:
@@ -467,13 +470,17 @@ class LocalBackend:
         return out
 
     def version(self) -> str:
-        """Digest of the names, sizes and modification times."""
-        return digest((f.path, f.size, st.st_mtime_ns) for f, st in self._files())
+        """Digest of the names, sizes, modification and change times.
+
+        The change time (ctime) cannot be set back by the user, so a file replaced with its
+        size and mtime kept (``cp -p``, ``touch -r``) still counts as changed.
+        """
+        return digest((f.path, f.size, st.st_mtime_ns, st.st_ctime_ns) for f, st in self._files())
 
     def listing(self) -> Listing:
         """Every visible file under the path."""
         files = self._files()
-        return Listing(digest((f.path, f.size, st.st_mtime_ns) for f, st in files),
+        return Listing(digest((f.path, f.size, st.st_mtime_ns, st.st_ctime_ns) for f, st in files),
                        [f for f, _ in files])
 
     def download(self, listing: Listing, item: RemoteFile, dest: Path) -> bool:

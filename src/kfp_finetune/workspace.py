@@ -29,9 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from kfp_finetune.errors import WorkspaceError
+from kfp_finetune.ownership import (
+    MANIFEST,
+    WORKSPACE_MARKER,
+    check_workspace_path,
+    ensure_owned,
+    marker_content,
+    refuse_foreign,
+    remove_owned,
+)
 
 WORKSPACE_MOUNT = "/workspace"
-MANIFEST = ".kfp-finetune.json"
 LOCK_FILE = ".kfp-finetune.lock"
 # Errors of a full or read-only volume: translated into a WorkspaceError that names the path.
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -45,13 +53,18 @@ class Workspace:
     root: Path
 
     @classmethod
-    def at(cls, root: str | Path) -> Workspace:
+    def at(cls, root: str | Path, adopt: bool = True) -> Workspace:
         """The workspace at ``root``, created if needed.
 
+        An empty (or new) folder is adopted: the marker file ``.kfp-finetune-workspace.json``
+        is written into it (unless ``adopt`` is False: check only). A non-empty folder that
+        is not a workspace is refused.
+
         Raises:
-            WorkspaceError: ``root`` cannot be created or written.
+            WorkspaceError: ``root`` is empty, the filesystem root, a folder kfp-finetune did
+                not create, or cannot be created or written.
         """
-        path = Path(root).expanduser().resolve()
+        path = check_workspace_path(root)
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -64,6 +77,9 @@ class Workspace:
                 f"workspace {str(path)!r} is not writable; mount the volume read-write or pass a "
                 "writable folder with --workspace."
             )
+        refuse_foreign(path)
+        if adopt and not (path / WORKSPACE_MARKER).is_file():
+            write_json_atomic(path / WORKSPACE_MARKER, marker_content())
         return cls(path)
 
     @property
@@ -100,7 +116,7 @@ class Workspace:
         root = self.root / ".staging"
         for leftover in root.glob(f"{name}-*"):
             if re.fullmatch(re.escape(name) + r"-[0-9a-f]{8}", leftover.name):
-                shutil.rmtree(leftover, ignore_errors=True)
+                remove_owned(leftover)
         path = root / f"{name}-{uuid.uuid4().hex[:8]}"
         path.mkdir(parents=True)
         return path
@@ -148,11 +164,14 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def install(staging: Path, final: Path, manifest: dict[str, Any]) -> None:
     """Write the manifest into ``staging`` last, then swap it into ``final``.
 
-    The previous content of ``final`` (if any) is removed only after the new one is in place.
+    The previous content of ``final`` (if any) is removed only after the new one is in place,
+    and only when its manifest proves that kfp-finetune wrote it.
 
     Raises:
-        WorkspaceError: The volume is full or read-only; ``final`` is left as it was.
+        WorkspaceError: ``final`` holds something kfp-finetune did not write, or the volume
+            is full or read-only; ``final`` is left as it was.
     """
+    ensure_owned(final)
     write_json_atomic(staging / MANIFEST, manifest)
     old = None
     with disk_errors(final, f"installing {final.name}"):
@@ -162,7 +181,7 @@ def install(staging: Path, final: Path, manifest: dict[str, Any]) -> None:
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, final)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_owned(old)
 
 
 @contextmanager
@@ -173,7 +192,7 @@ def staged(ws: Workspace, name: str) -> Iterator[Path]:
         yield path
     finally:
         if path.exists():
-            shutil.rmtree(path, ignore_errors=True)
+            remove_owned(path)
 
 
 def list_files(folder: Path) -> list[dict[str, Any]]:

@@ -38,6 +38,7 @@ from kfp_finetune.client.steps import (
     step_of,
 )
 from kfp_finetune.errors import ConfigError
+from kfp_finetune.ownership import check_workspace_path
 
 JOBS_DIR = ".kfp-finetune-jobs"
 # The job's process (not ``-m``: the package has imported local_job already, and runpy warns).
@@ -61,7 +62,8 @@ class LocalBackend(PipelineBackend):
     """``RuntimeBackend`` over ``kfp.local``."""
 
     def __init__(self, cfg: LocalBackendConfig) -> None:
-        self.workspace = Path(cfg.workspace).expanduser().resolve()
+        # Never '' (the current directory): refused here, before a job folder is written.
+        self.workspace = check_workspace_path(cfg.workspace, "workspace")
         self.jobs = self.workspace / JOBS_DIR
         self._procs: dict[str, subprocess.Popen] = {}
 
