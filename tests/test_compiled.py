@@ -8,8 +8,9 @@ import yaml
 from kfp_finetune.compile import REPO_COMPILED, check_compiled, compile_runtime
 from kfp_finetune.runtimes import RUNTIMES
 
-STEPS = ("dataset-initializer", "model-initializer", "fine-tune", "export-model")
-GROUP = "comp-exit-handler-1"  # the four steps run in the exit handler's group (a sub-DAG)
+STEPS = ("dataset-initializer", "model-initializer", "tokenize-dataset", "fine-tune",
+         "export-model")
+GROUP = "comp-exit-handler-1"  # the work steps run in the exit handler's group (a sub-DAG)
 
 
 def _steps(spec):
@@ -106,8 +107,11 @@ def test_initializers_run_in_parallel_and_fine_tune_waits_for_both(compiled, run
         "check-config", "createpvc"}
     assert "dependentTasks" not in tasks["dataset-initializer"]
     assert "dependentTasks" not in tasks["model-initializer"]
-    assert set(tasks["fine-tune"]["dependentTasks"]) == {
+    # tokenize-dataset needs the data and the model's tokenizer; fine-tune reads its output.
+    assert set(tasks["tokenize-dataset"]["dependentTasks"]) == {
         "dataset-initializer", "model-initializer"}
+    assert set(tasks["fine-tune"]["dependentTasks"]) == {
+        "dataset-initializer", "model-initializer", "tokenize-dataset"}
     assert "fine-tune" in tasks["export-model"]["dependentTasks"]
 
 
@@ -118,7 +122,7 @@ def test_components_use_the_project_images_without_installing_kfp(compiled, runt
     spec, _ = compiled[runtime]
     execs = spec["deploymentSpec"]["executors"]
     assert execs["exec-fine-tune"]["container"]["image"] == images.TRAINER_IMAGE
-    for step in ("dataset-initializer", "model-initializer", "export-model"):
+    for step in ("dataset-initializer", "model-initializer", "tokenize-dataset", "export-model"):
         container = execs[f"exec-{step}"]["container"]
         assert container["image"] == images.CPU_IMAGE
         assert "pip install" not in " ".join(container["command"])

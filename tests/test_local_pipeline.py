@@ -40,8 +40,10 @@ def test_local_pipeline_leaves_a_hugging_face_checkpoint(tiny, tmp_path, capsys)
     manifest = json.loads((model / ".kfp-finetune.json").read_text())
     assert manifest["runtime"] == "torchtune-llama3.2-tiny"
     assert manifest["base_model"] == f"file://{tiny['llama3_2']}"
-    # The full torchtune config is kept beside the checkpoint.
-    assert (ws / "output" / "checkpoints" / "torchtune_config.yaml").is_file()
+    # The full torchtune config is kept beside the checkpoint; the tokenize-dataset task's
+    # store fed the recipe (no tokenizing in the fine-tune step).
+    used = (ws / "output" / "checkpoints" / "torchtune_config.yaml").read_text()
+    assert "kfp_finetune.packed_data.pretokenized_dataset" in used
 
 
 @pytest.mark.parametrize(

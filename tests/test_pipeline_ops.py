@@ -13,6 +13,7 @@ from kfp_finetune.pipelines.finetune.cluster import (
     CPU_TASK_MEMORY_REQUEST,
     EXPORT_TIMEOUT_S,
     INITIALIZER_TIMEOUT_S,
+    TOKENIZE_CPU_REQUEST,
     ops_defaults,
 )
 from kfp_finetune.runtimes import RUNTIMES
@@ -23,10 +24,12 @@ TASKS = {  # task name in the DAG -> display name
     "createpvc": "create-workspace",
     "dataset-initializer": "dataset-initializer",
     "model-initializer": "model-initializer",
+    "tokenize-dataset": "tokenize-dataset",
     "fine-tune": "fine-tune",
     "export-model": "export",
 }
-WORKERS = ("dataset-initializer", "model-initializer", "fine-tune", "export-model")
+WORKERS = ("dataset-initializer", "model-initializer", "tokenize-dataset", "fine-tune",
+           "export-model")
 CHECKED = ("torchtune-llama3.2-1b", "torchtune-llama3.3-70b", "torchtune-llama3.2-tiny")
 
 
@@ -186,6 +189,10 @@ def test_cpu_tasks_requests_timeouts_and_retries(compiled, runtime):
         assert policy["maxRetryCount"] == retries
         # Retrying stays allowed for longer than one attempt may take.
         assert int(policy["backoffMaxDuration"].rstrip("s")) > timeout
+    # tokenize-dataset runs one process per CPU: it asks for more than the other CPU tasks.
+    res = spec["deploymentSpec"]["executors"]["exec-tokenize-dataset"]["container"]["resources"]
+    assert res["resourceCpuRequest"] == TOKENIZE_CPU_REQUEST and "accelerator" not in res
+    assert tasks["tokenize-dataset"]["retryPolicy"]["maxRetryCount"] == 3
     policy = tasks["fine-tune"]["retryPolicy"]
     assert policy["maxRetryCount"] == 1
     assert int(policy["backoffMaxDuration"].rstrip("s")) > ops_defaults(RUNTIMES[runtime]).timeout_s
@@ -245,8 +252,8 @@ def test_an_exit_task_cleans_up_the_volume_whatever_the_outcome(compiled, runtim
     # its tasks' launchers (backend/src/v2/metadata/client.go: UpdateDAGExecutionsState); a
     # driver-only task (DeletePVC) or a condition there would leave it stale.
     group = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
-    assert set(group) == {"dataset-initializer", "model-initializer", "fine-tune",
-                          "export-model"}
+    assert set(group) == {"dataset-initializer", "model-initializer", "tokenize-dataset",
+                          "fine-tune", "export-model"}
     execs = spec["deploymentSpec"]["executors"]
     assert all("container" in execs[f"exec-{name}"] for name in group)
     assert not [c for c in spec["components"] if "deletepvc" in c]

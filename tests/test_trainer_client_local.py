@@ -72,7 +72,8 @@ def test_wait_returns_the_complete_job_with_its_steps(seed_job):
     assert job.runtime.name == "torchtune-llama3.2-tiny"
     assert [(s.name, s.status) for s in job.steps] == [
         (constants.DATASET_INITIALIZER, "Succeeded"), (constants.MODEL_INITIALIZER, "Succeeded"),
-        (f"{constants.NODE}-0", "Succeeded"), ("export", "Succeeded")]
+        ("tokenize-dataset", "Succeeded"), (f"{constants.NODE}-0", "Succeeded"),
+        ("export", "Succeeded")]
     client = seed_job["client"]
     assert [j.name for j in client.list_jobs()] == [seed_job["name"]]
     assert client.list_jobs(runtime="torchtune-qwen2.5-tiny") == []
@@ -80,7 +81,7 @@ def test_wait_returns_the_complete_job_with_its_steps(seed_job):
     # kfp.local runs the two initializers one after the other, in either order.
     assert reasons[0] in ((constants.DATASET_INITIALIZER, "Started"),
                           (constants.MODEL_INITIALIZER, "Started"))
-    assert reasons[-1] == ("export", "Succeeded") and len(reasons) == 8
+    assert reasons[-1] == ("export", "Succeeded") and len(reasons) == 10
 
 
 @pytest.mark.slow
@@ -138,7 +139,7 @@ def test_a_failed_step_surfaces_as_its_own_error_line(tiny, tmp_path):
     # kfp.local runs the initializers in either order: the model one may have run first.
     statuses = {s.name: s.status for s in job.steps}
     assert statuses.pop(constants.MODEL_INITIALIZER) in ("Succeeded", "Skipped")
-    assert statuses == {constants.DATASET_INITIALIZER: "Failed",
+    assert statuses == {constants.DATASET_INITIALIZER: "Failed", "tokenize-dataset": "Skipped",
                         f"{constants.NODE}-0": "Skipped", "export": "Skipped"}
 
 

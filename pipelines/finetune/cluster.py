@@ -31,6 +31,8 @@ TINY_FINE_TUNE_TIMEOUT_S = 2 * 3600
 # Requests of the CPU tasks (initializers, export): enough to stream and check files.
 CPU_TASK_CPU_REQUEST = "1"
 CPU_TASK_MEMORY_REQUEST = "4Gi"
+# tokenize-dataset uses every CPU it gets (one process per core).
+TOKENIZE_CPU_REQUEST = "4"
 # check-config and cleanup-workspace: a few seconds of plain Python.
 CHECK_CPU_REQUEST = "100m"
 CHECK_MEMORY_REQUEST = "256Mi"
@@ -62,12 +64,13 @@ def ops_defaults(runtime: Runtime) -> OpsDefaults:
 
 @dataclass(frozen=True)
 class Tasks:
-    """The four tasks that do the work, on a cluster and locally alike."""
+    """The tasks that do the work, on a cluster and locally alike."""
 
     data: dsl.PipelineTask
     model: dsl.PipelineTask
     train: dsl.PipelineTask
     export: dsl.PipelineTask
+    tokenize: dsl.PipelineTask
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,7 @@ def apply_cluster_settings(
 ) -> None:
     """Mount the volume; add Secrets, scheduling, resources, timeouts and retries (cluster only)."""
     p, t = params, tasks
-    for task in (t.data, t.model, t.train, t.export):
+    for task in (t.data, t.model, t.tokenize, t.train, t.export):
         kubernetes.mount_pvc(task, pvc_name=pvc.outputs["name"], mount_path=WORKSPACE_MOUNT)
         task.set_caching_options(False)  # they write to the per-run volume (or push)
     for task in (t.data, t.model, t.export):
@@ -160,7 +163,8 @@ def apply_cluster_settings(
             secret_key_to_env={key: key for key in S3_SECRET_KEYS}, optional=True,
         )
         task.set_cpu_request(CPU_TASK_CPU_REQUEST).set_memory_request(CPU_TASK_MEMORY_REQUEST)
-    for task in (t.data, t.model):
+    t.tokenize.set_cpu_request(TOKENIZE_CPU_REQUEST).set_memory_request(CPU_TASK_MEMORY_REQUEST)
+    for task in (t.data, t.model, t.tokenize):
         # Retries are allowed for as long as an attempt may take (Argo's default is 1 h from
         # the first attempt, which would forbid retrying a long download).
         task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0,

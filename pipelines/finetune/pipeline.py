@@ -3,11 +3,12 @@
 On a cluster::
 
     check-config ─> create-workspace (PVC) ─┬─> dataset-initializer ─┐
-                                            └─> model-initializer  ──┴─> fine-tune (GPU) ─> export
-    cleanup-workspace: exit task, runs whatever the outcome of the four tasks above
+                                            └─> model-initializer  ──┴─> tokenize-dataset
+                                                                 ─> fine-tune (GPU) ─> export
+    cleanup-workspace: exit task, runs whatever the outcome of the five tasks above
 
 Every task from dataset-initializer on mounts the PVC at /workspace. Locally (``kfp.local``)
-the same four components run in the same order on a local folder instead of the PVC, and the
+the same five components run in the same order on a local folder instead of the PVC, and the
 cluster-only parts (check-config, the PVC, the exit task, the Kubernetes settings) are left
 out (kfp.local cannot create PVCs, ignores Kubernetes settings and has no exit handlers).
 
@@ -34,6 +35,7 @@ from kfp_finetune.components.dataset_initializer import dataset_initializer
 from kfp_finetune.components.export_model import export_model
 from kfp_finetune.components.fine_tune import fine_tune
 from kfp_finetune.components.model_initializer import model_initializer
+from kfp_finetune.components.tokenize_dataset import tokenize_dataset
 from kfp_finetune.credentials import DEFAULT_HF_SECRET, DEFAULT_S3_SECRET
 from kfp_finetune.pipelines.finetune.cluster import (
     ClusterParams,
@@ -241,12 +243,15 @@ def build_pipeline(runtime_name: str, local_workspace: str | None = None) -> Cal
 def _work(runtime: str, workspace: str, dataset_uri: Any, model_uri: Any, ignore_patterns: Any,
           export_name: Any, push_to: Any, copy_to_artifact: Any, train_args: dict[str, Any],
           tune_args: dict[str, Any]) -> Tasks:
-    """Add the initializers, fine-tune and export, in this order (the same on both targets)."""
+    """Add the initializers, tokenize, fine-tune and export (the same on both targets)."""
     data = dataset_initializer(dataset_uri=dataset_uri, **train_args)
     data.set_display_name("dataset-initializer")
     model = model_initializer(model_uri=model_uri, ignore_patterns=ignore_patterns, **tune_args)
     model.set_display_name("model-initializer")
-    train = fine_tune(**tune_args).after(data, model)
+    # Tokenizes (and packs) on CPU what the fine-tune step would tokenize on the GPU node.
+    tokenize = tokenize_dataset(**tune_args).after(data, model)
+    tokenize.set_display_name("tokenize-dataset")
+    train = fine_tune(**tune_args).after(data, model, tokenize)
     train.set_display_name("fine-tune")
     export = export_model(
         runtime=runtime, workspace_path=workspace, export_name=export_name,
@@ -254,4 +259,4 @@ def _work(runtime: str, workspace: str, dataset_uri: Any, model_uri: Any, ignore
         copy_to_artifact=copy_to_artifact,
     ).after(train)
     export.set_display_name("export")
-    return Tasks(data, model, train, export)
+    return Tasks(data, model, train, export, tokenize)

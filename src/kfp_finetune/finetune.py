@@ -50,6 +50,7 @@ from kfp_finetune.errors import (
 from kfp_finetune.gpu_defaults import detect_gpu_memory_gib
 from kfp_finetune.gpus import check_gpus_visible
 from kfp_finetune.model_check import check_model
+from kfp_finetune.pretokenize import pretokenized_conf
 from kfp_finetune.runtimes import Runtime, get_runtime
 from kfp_finetune.training_log import losses, read_metric_rows, read_metrics, summarize
 from kfp_finetune.tune_config import (
@@ -196,7 +197,13 @@ def _run_locked(
         return finished
     check_steps(plan.rows, conf, choice.nproc)  # before anything on the volume is cleared
     resume_from = prepare_output(out, fingerprint, inputs, resolved, conf, log)
-    check_samples_fit(conf, log)
+    # The fingerprint above is of torchtune's own dataset section: the store holds the very
+    # same tensors, so a run resumes whichever of the two feeds it.
+    pretokenized = pretokenized_conf(ws, conf, log)
+    if pretokenized is None:
+        check_samples_fit(conf, log)
+    else:  # the tokenize step checked every row already
+        conf["dataset"] = pretokenized
     weights = _weight_bytes(ws, conf)
     check_free_space(
         out, weights * (resolved.epochs - resume_from),

@@ -2,8 +2,8 @@
 
 Step names follow ``kubeflow.trainer.constants.constants``: ``dataset-initializer``,
 ``model-initializer`` and ``node-0`` (``NODE + "-0"``, the training step); this pipeline's other
-tasks keep their own names (``check-config``, ``create-workspace``, ``export``,
-``cleanup-workspace``). On a KFP
+tasks keep their own names (``check-config``, ``create-workspace``, ``tokenize-dataset``,
+``export``, ``cleanup-workspace``). On a KFP
 cluster the run's tasks are reported under their pipeline task keys (the Argo node names, e.g.
 ``fine-tune``, ``export-model``, ``createpvc``; see kubeflow/pipelines
 backend/src/apiserver/server/api_converter.go ``toModelTask``); kfp.local names them the same.
@@ -28,13 +28,15 @@ STEP_OF_TASK = {
     "create-workspace": "create-workspace",
     "dataset-initializer": constants.DATASET_INITIALIZER,
     "model-initializer": constants.MODEL_INITIALIZER,
+    "tokenize-dataset": "tokenize-dataset",
     "fine-tune": TRAINING_STEP,
     "export-model": "export",
     "export": "export",
     "cleanup-workspace": "cleanup-workspace",
 }
 # The steps every run has, in pipeline order (create-workspace only on a cluster).
-LOCAL_STEPS = (constants.DATASET_INITIALIZER, constants.MODEL_INITIALIZER, TRAINING_STEP, "export")
+LOCAL_STEPS = (constants.DATASET_INITIALIZER, constants.MODEL_INITIALIZER, "tokenize-dataset",
+               TRAINING_STEP, "export")
 # Step states, as the SDK reports a step's pod phase.
 PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
 # KFP V2beta1RuntimeState -> (TrainJob status, step status).

@@ -1,0 +1,1 @@
+from .component import tokenize_dataset  # noqa: F401

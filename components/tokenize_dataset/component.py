@@ -1,0 +1,116 @@
+"""tokenize-dataset: tokenize (and pack) the dataset on CPU before the GPU step."""
+
+from typing import NamedTuple
+
+from kfp import dsl
+
+from kfp_finetune.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def tokenize_dataset(
+    runtime: str,
+    metrics: dsl.Output[dsl.Metrics],
+    workspace_path: str = "/workspace",
+    dtype: str = "",
+    batch_size: int = 1,
+    epochs: int = 1,
+    loss: str = "",
+    num_nodes: int = 1,
+    gpus_per_node: int = 0,
+    source: str = "parquet",
+    split: str = "train",
+    train_on_input: bool = False,
+    new_system_prompt: str = "",
+    column_map: dict = {},
+    peft_method: str = "none",
+    lora_rank: int = 0,
+    lora_alpha: float = 0.0,
+    lora_dropout: float = -1.0,
+    lora_attn_modules: list = [],
+    apply_lora_to_mlp: str = "auto",
+    apply_lora_to_output: str = "auto",
+    learning_rate: float = 0.0,
+    gradient_accumulation_steps: int = 0,
+    max_seq_len: int = 0,
+    packed: str = "auto",
+    compile: str = "auto",
+    activation_checkpointing: str = "auto",
+    max_steps_per_epoch: int = 0,
+    seed: int = 42,
+    overrides: list = [],
+    num_workers: int = 0,
+) -> NamedTuple(
+    "TokenizeInfo",
+    [("rows", int), ("packs", int), ("rows_truncated", int), ("tokens_lost", int),
+     ("seconds", float), ("skipped", bool)],
+):
+    """Tokenize <workspace>/dataset as the fine-tune step's torchtune config would.
+
+    The result goes to <workspace>/tokenized (memory-mapped arrays, manifest written last);
+    the fine-tune step reads it instead of tokenizing on the GPU node. Rows cut by
+    max_seq_len and the tokens they lost are reported in the metrics.
+
+    Args:
+        runtime: Runtime name, e.g. torchtune-llama3.2-1b.
+        metrics: Rows, tokens, rows truncated, tokens lost, packs, rows/s (KFP UI).
+        workspace_path: Where the workspace volume is mounted.
+        dtype: Training precision: bf16 or fp32.
+        batch_size: Samples per device per step.
+        epochs: Passes over the dataset.
+        loss: Loss component.
+        num_nodes: Nodes (must be 1).
+        gpus_per_node: GPUs of the fine-tune step (decides the runtime's defaults).
+        source: Format of the data files.
+        split: Split expression.
+        train_on_input: Whether the prompt counts in the loss.
+        new_system_prompt: System prompt ("" for none).
+        column_map: Column map.
+        peft_method: none (full fine-tuning), lora, qlora or dora.
+        lora_rank: LoRA rank (0: the torchtune config's).
+        lora_alpha: LoRA alpha (0: the torchtune config's).
+        lora_dropout: LoRA dropout (negative: the torchtune config's).
+        lora_attn_modules: Attention projections with LoRA ([]: q_proj, v_proj, output_proj).
+        apply_lora_to_mlp: auto, true or false.
+        apply_lora_to_output: auto, true or false.
+        learning_rate: Learning rate (0: the runtime's or torchtune config's).
+        gradient_accumulation_steps: Steps per optimizer update (0: the config's).
+        max_seq_len: Longest tokenized sample (0: the runtime's on GPU, else none).
+        packed: Pack samples into max_seq_len sequences: auto, true or false.
+        compile: torch.compile the model: auto, true or false.
+        activation_checkpointing: auto, true or false.
+        max_steps_per_epoch: Stop each epoch after this many steps (0: no limit).
+        seed: Random seed.
+        overrides: Raw torchtune key=value overrides, applied last.
+        num_workers: Tokenizing processes (0: every CPU of this task).
+
+    Returns:
+        rows, packs, rows_truncated, tokens_lost, seconds, and skipped (True when the store
+        for this config was already complete, or the config cannot be pre-tokenized).
+    """
+    from kfp_finetune.step_errors import step_errors
+
+    with step_errors("tokenize-dataset", workspace_path):
+        from kfp_finetune.params import config_from_params
+        from kfp_finetune.pretokenize import tokenize_dataset as run_tokenize
+
+        config = config_from_params(
+            dtype=dtype, batch_size=batch_size, epochs=epochs, loss=loss, num_nodes=num_nodes,
+            gpus_per_node=gpus_per_node, source=source, split=split, train_on_input=train_on_input,
+            new_system_prompt=new_system_prompt, column_map=column_map,
+            peft_method=peft_method, lora_rank=lora_rank, lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout, lora_attn_modules=lora_attn_modules,
+            apply_lora_to_mlp=apply_lora_to_mlp, apply_lora_to_output=apply_lora_to_output,
+            learning_rate=learning_rate, gradient_accumulation_steps=gradient_accumulation_steps,
+            max_seq_len=max_seq_len, packed=packed, compile=compile,
+            activation_checkpointing=activation_checkpointing,
+            max_steps_per_epoch=max_steps_per_epoch, seed=seed, overrides=overrides,
+        )
+        result = run_tokenize(workspace_path, runtime, config, workers=num_workers)
+        for key, value in result.ui_metrics().items():
+            metrics.log_metric(key, value)
+        if result.reason:
+            metrics.metadata["not_pretokenized"] = result.reason
+        stats = result.stats
+        return (stats.rows, result.packs, stats.rows_truncated, stats.tokens_lost,
+                float(result.seconds), result.skipped)
