@@ -15,7 +15,12 @@ from kfp import dsl
 
 from kfp_finetune.components.cleanup_workspace import cleanup_workspace
 from kfp_finetune.errors import ConfigError, WorkspaceError
-from kfp_finetune.workspace_cleanup import KubeApi, clean_up_workspace, decide_cleanup
+from kfp_finetune.workspace_cleanup import (
+    KubeApi,
+    clean_up_workspace,
+    decide_cleanup,
+    mark_exported,
+)
 
 RUN_ID = "0b6f1a52-4c1e-4a7e-9d43-2f7a3c0e8b11"
 PVC = f"kfp-finetune-{RUN_ID}"
@@ -30,6 +35,7 @@ class FakeKube:
         self.claims: dict[str, dict] = {}
         self.calls: list[tuple[str, str]] = []
         self.deny = False
+        self.patches: list[tuple[str | None, dict]] = []
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -56,6 +62,11 @@ class FakeKube:
                     return self._answer(404, {"reason": "NotFound"})
                 if method == "DELETE":
                     return self._answer(200, fake.claims.pop(name))
+                if method == "PATCH":
+                    patch = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                    fake.patches.append((self.headers.get("Content-Type"), patch))
+                    fake.claims[name]["metadata"]["annotations"].update(
+                        patch["metadata"]["annotations"])
                 return self._answer(200, fake.claims[name])
 
             def do_GET(self) -> None:  # noqa: N802
@@ -63,6 +74,9 @@ class FakeKube:
 
             def do_DELETE(self) -> None:  # noqa: N802
                 self._handle("DELETE")
+
+            def do_PATCH(self) -> None:  # noqa: N802
+                self._handle("PATCH")
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -164,3 +178,36 @@ def test_decisions_name_the_reason():
     delete, reason = decide_cleanup("COMPLETE", keep_workspace_on_failure=False,
                                     delete_workspace=True, push_to="")
     assert delete is False and "lives on the volume" in reason
+
+
+def test_a_failed_run_whose_export_finished_keeps_the_only_copy_of_the_model(kube):
+    # The group's final state is written by the last launcher to end
+    # (backend/src/v2/metadata: UpdateDAGExecutionsState); a stale FAILED after a successful
+    # retry must not delete the volume that holds the only copy of the exported model.
+    assert mark_exported(RUN_ID, "/workspace/output/m", api=kube.api, log=lambda _: None)
+    assert kube.patches == [("application/merge-patch+json", {"metadata": {"annotations": {
+        "kfp-finetune/exported-model": "/workspace/output/m"}}})]
+    result, log = cleanup(kube, "FAILED")
+    assert result == "kept" and PVC in kube.claims
+    assert "export step finished" in log and "/workspace/output/m" in log
+
+
+def test_a_failed_run_whose_model_was_pushed_elsewhere_is_still_deleted(kube):
+    mark_exported(RUN_ID, "/workspace/output/m", api=kube.api, log=lambda _: None)
+    result, _ = cleanup(kube, "FAILED", push_to="s3://bucket/m")
+    assert result == "deleted" and PVC not in kube.claims
+
+
+def test_marking_is_skipped_outside_a_pod_and_for_another_runs_volume(kube, monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert mark_exported(RUN_ID, "/x") is False  # kfp.local: no API, nothing to mark
+    kube.add_claim(PVC, "another-run")
+    assert mark_exported(RUN_ID, "/x", api=kube.api, log=lambda _: None) is False
+    assert kube.patches == []
+
+
+def test_a_refused_mark_is_a_warning_not_a_failed_export(kube):
+    kube.deny = True
+    lines: list[str] = []
+    assert mark_exported(RUN_ID, "/x", api=kube.api, log=lines.append) is False
+    assert "warning: could not mark" in lines[0] and "get/patch/delete" in lines[0]

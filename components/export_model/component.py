@@ -57,4 +57,8 @@ def export_model(
                 json.dump(meta, handle, indent=2)
         meta["weights_in_artifact"] = copy_to_artifact
         model.metadata.update(meta)
+        if not result.exported_elsewhere:
+            from kfp_finetune.workspace_cleanup import mark_exported
+
+            mark_exported(run_id, result.path)  # the exit task keeps a volume holding the model
         return (result.path, result.exported_elsewhere)

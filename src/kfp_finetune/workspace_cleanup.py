@@ -15,6 +15,10 @@ What happens:
   fails when the push fails, so a complete run with ``push_to`` has its copy elsewhere); else
   kept: the model lives only there.
 * any other state: kept (a volume is never deleted on a guess).
+* ``FAILED`` although the export step finished (it marks the claim with
+  ``kfp-finetune/exported-model``, see :func:`mark_exported`) and nothing was pushed elsewhere:
+  kept. The group's state is written by the last launcher to end; should that write be lost
+  after a retried step succeeded, a stale ``FAILED`` must not cost the only copy of the model.
 
 The deletion goes to the Kubernetes API with the pod's service account (the same account the
 backend's driver uses for ``CreatePVC``), and only after the claim's ``kfp-finetune/run-id``
@@ -33,12 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kfp_finetune.cluster_ops import ANNOTATION_PREFIX, workspace_pvc_name
+from kfp_finetune.cluster_ops import ANNOTATION_PREFIX, PVC_PREFIX, workspace_pvc_name
 from kfp_finetune.errors import ConfigError, WorkspaceError
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 Log = Callable[[str], None]
+EXPORTED_ANNOTATION = f"{ANNOTATION_PREFIX}exported-model"
 
 
 def decide_cleanup(
@@ -102,10 +107,16 @@ class KubeApi:
         host = f"[{host}]" if ":" in host else host
         return cls(f"https://{host}:{port}", token, namespace, str(SA_DIR / "ca.crt"))
 
-    def _call(self, method: str, path: str) -> tuple[int, dict[str, Any]]:
+    def _call(
+        self, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/merge-patch+json"
         request = urllib.request.Request(
-            self.base_url + path, method=method,
-            headers={"Authorization": f"Bearer {self.token}", "Accept": "application/json"},
+            self.base_url + path, method=method, headers=headers, data=data
         )
         context = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None
         try:
@@ -130,6 +141,12 @@ class KubeApi:
         _check_status(status, "read", name, self.namespace)
         return body
 
+    def annotate_pvc(self, name: str, annotations: dict[str, str]) -> None:
+        """Add annotations to the claim (a JSON merge patch of its metadata)."""
+        status, _ = self._call("PATCH", self._claim_path(name),
+                               {"metadata": {"annotations": annotations}})
+        _check_status(status, "patch", name, self.namespace)
+
     def delete_pvc(self, name: str) -> None:
         """Delete the claim (gone already is fine)."""
         status, _ = self._call("DELETE", self._claim_path(name))
@@ -141,7 +158,7 @@ def _check_status(status: int, verb: str, name: str, namespace: str) -> None:
     if status in (401, 403):
         raise ConfigError(
             f"the pipeline's service account may not {verb} PersistentVolumeClaim {name} in "
-            f"namespace {namespace} (HTTP {status}); grant it get/delete on "
+            f"namespace {namespace} (HTTP {status}); grant it get/patch/delete on "
             "persistentvolumeclaims (CreatePVC needs create already), or delete the volume "
             f"yourself: kubectl -n {namespace} delete pvc {name}"
         )
@@ -188,6 +205,42 @@ def clean_up_workspace(
             f"annotation is {owner!r}); it is left as it is. Delete it yourself if it is yours: "
             f"kubectl -n {api.namespace} delete pvc {name}"
         )
+    exported = (claim.get("metadata", {}).get("annotations") or {}).get(EXPORTED_ANNOTATION)
+    if exported and not (push_to or "").strip():
+        log(f"[cleanup] keeping volume {name}: the backend reported {state!r}, but the export "
+            f"step finished and the model at {exported} lives only on this volume.")
+        return "kept"
     api.delete_pvc(name)
     log(f"[cleanup] deleted volume {name}: {reason}.")
     return "deleted"
+
+
+def mark_exported(run_id: str, path: str, api: KubeApi | None = None, log: Log = print) -> bool:
+    """Annotate this run's volume with the exported model's path (cluster runs only).
+
+    Outside a pod, or when the claim is not this run's, nothing is done. A refusal of the API
+    is logged, never raised: the export itself has succeeded.
+
+    Returns:
+        Whether the annotation was written.
+    """
+    if not run_id:
+        return False
+    try:
+        api = api or KubeApi.in_cluster()
+    except ConfigError:
+        return False  # a local run: no volume to mark
+    name = PVC_PREFIX + run_id
+    try:
+        name = workspace_pvc_name(run_id)
+        claim = api.get_pvc(name)
+        owner = ((claim or {}).get("metadata", {}).get("annotations") or {}).get(
+            f"{ANNOTATION_PREFIX}run-id")
+        if owner != run_id:
+            return False
+        api.annotate_pvc(name, {EXPORTED_ANNOTATION: path})
+    except ConfigError as exc:
+        log(f"[export] warning: could not mark volume {name} as holding the model ({exc}); "
+            "the cleanup then relies on the run's final state alone.")
+        return False
+    return True
