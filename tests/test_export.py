@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from kfp_finetune import finetune, steps
 from kfp_finetune.errors import ConfigError, WorkspaceError
@@ -35,11 +36,19 @@ PROMPT = "Name the capital. Italy"
 transformers = pytest.importorskip("transformers")
 
 
-def _train(tiny, root: Path, config: TorchTuneConfig) -> Path:
+# A Llama 3 style template, as Hub instruct models carry in tokenizer_config.json.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+    "\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def _train(tiny, root: Path, config: TorchTuneConfig, base: Path | None = None) -> Path:
     quiet = lambda _: None  # noqa: E731
     steps.initialize_dataset(root, str(tiny["alpaca"] / "data"), TorchTuneInstructDataset(),
                              log=quiet)
-    steps.initialize_model(root, str(tiny["llama3_2"]), RUNTIME, config, log=quiet)
+    steps.initialize_model(root, str(base or tiny["llama3_2"]), RUNTIME, config, log=quiet)
     finetune.run_fine_tune(root, RUNTIME, config, log=quiet)
     return root
 
@@ -51,10 +60,24 @@ def full_ws(tiny, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lora_ws(tiny, tmp_path_factory) -> Path:
+def chat_base(tiny, tmp_path_factory) -> Path:
+    """The tiny Llama (same weights) with a chat template and a license, as Hub models have."""
+    base = tmp_path_factory.mktemp("chat-base") / "tiny-llama3_2-chat"
+    shutil.copytree(tiny["llama3_2"], base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(
+        json.dumps({**config, "chat_template": CHAT_TEMPLATE}, indent=2))
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny chat model\n")
+    return base
+
+
+@pytest.fixture(scope="module")
+def lora_ws(tiny, chat_base, tmp_path_factory) -> Path:
+    # No rank or alpha given: the torchtune config's own (64, 128) are used, and must be
+    # what the export records.
     config = TorchTuneConfig(epochs=1, batch_size=4, resources_per_node={"gpu": 0},
-                             peft_config=LoraConfig(lora_rank=8, lora_alpha=16))
-    return _train(tiny, tmp_path_factory.mktemp("lora") / "ws", config)
+                             peft_config=LoraConfig())
+    return _train(tiny, tmp_path_factory.mktemp("lora") / "ws", config, chat_base)
 
 
 def _input_ids(folder: Path) -> torch.Tensor:
@@ -155,9 +178,10 @@ def _peft_without_torchao(monkeypatch) -> None:
             monkeypatch.setattr(module, "is_torchao_available", lambda: False)
 
 
-def test_lora_export_gives_the_merged_model_and_a_peft_adapter(lora_ws, tiny, monkeypatch):
+def test_lora_export_gives_the_merged_model_and_a_peft_adapter(lora_ws, tiny, chat_base,
+                                                               monkeypatch):
     _peft_without_torchao(monkeypatch)
-    from peft import PeftModel
+    from peft import AutoPeftModelForCausalLM, PeftModel
 
     result = export_model(lora_ws, RUNTIME, run_id="run-lora-1", log=lambda _: None)
     out = Path(result.path)
@@ -167,8 +191,16 @@ def test_lora_export_gives_the_merged_model_and_a_peft_adapter(lora_ws, tiny, mo
         "adapter_config.json", "adapter_model.safetensors"]
     assert not (out / "adapter_model.safetensors").exists()
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
-    assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == 8
-    assert adapter_config["task_type"] == "CAUSAL_LM"
+    rendered = yaml.safe_load((out / "torchtune_config.yaml").read_text())["model"]
+    assert adapter_config["peft_type"] == "LORA" and adapter_config["task_type"] == "CAUSAL_LM"
+    # The rank actually used (the config's default here), not the unset option (None).
+    rank = rendered["lora_rank"]
+    assert isinstance(rank, int) and adapter_config["r"] == rank
+    meta = result.metadata
+    assert meta["training"]["peft"]["lora_rank"] == meta["hyperparameters"]["lora_rank"] == rank
+    assert meta["training"]["peft"]["lora_alpha"] == rendered["lora_alpha"]
+    # A file:// base: the adapter names that folder, which peft loads (it was empty).
+    assert adapter_config["base_model_name_or_path"] == str(chat_base)
 
     ids = _input_ids(out)
     merged = _hf_logits(out, ids)
@@ -188,6 +220,10 @@ def test_lora_export_gives_the_merged_model_and_a_peft_adapter(lora_ws, tiny, mo
         peft_model = PeftModel.from_pretrained(base_model, str(adapter)).eval()
         with_adapter = peft_model(ids).logits[0]
     assert (with_adapter - merged).abs().max().item() < ATOL
+    # AutoPeftModelForCausalLM finds the base model from adapter_config.json alone.
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(adapter), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (auto(ids).logits[0] - merged).abs().max().item() < ATOL
     # The adapter changes the output (so the comparisons above are not trivially equal).
     print(f"LoRA: max |merged - base| = {(merged - base).abs().max().item():.2e}, "
           f"|merged - torchtune| = {(merged - tt).abs().max().item():.2e}, "
