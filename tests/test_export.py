@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -36,7 +37,7 @@ PROMPT = "Name the capital. Italy"
 transformers = pytest.importorskip("transformers")
 
 
-# A Llama 3 style template, as Hub instruct models carry in tokenizer_config.json.
+# A Llama 3 style chat template, as Hub instruct models carry.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
     "\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
@@ -64,9 +65,9 @@ def chat_base(tiny, tmp_path_factory) -> Path:
     """The tiny Llama (same weights) with a chat template and a license, as Hub models have."""
     base = tmp_path_factory.mktemp("chat-base") / "tiny-llama3_2-chat"
     shutil.copytree(tiny["llama3_2"], base)
-    config = json.loads((base / "tokenizer_config.json").read_text())
-    (base / "tokenizer_config.json").write_text(
-        json.dumps({**config, "chat_template": CHAT_TEMPLATE}, indent=2))
+    # Where recent transformers save it (tokenizer_config.json's chat_template is the older
+    # place; model_card.carry_chat_template handles both, see test_model_card.py).
+    (base / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny chat model\n")
     return base
 
@@ -229,6 +230,59 @@ def test_lora_export_gives_the_merged_model_and_a_peft_adapter(lora_ws, tiny, ch
           f"|merged - torchtune| = {(merged - tt).abs().max().item():.2e}, "
           f"|peft - merged| = {(with_adapter - merged).abs().max().item():.2e}")
     assert (merged - base).abs().max().item() > 10 * ATOL
+
+
+def _run_card_snippet(out: Path, moved: Path) -> str:
+    """Run the card's usage snippet against a copy of the export (its path substituted)."""
+    import contextlib
+    import io
+
+    card = (out / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert json.dumps(str(out)) in snippet
+    shutil.copytree(out, moved)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(snippet.replace(json.dumps(str(out)), json.dumps(str(moved))), {})  # noqa: S102
+    return snippet
+
+
+def test_model_card_has_front_matter_hyperparameters_and_a_snippet_that_runs(full_ws,
+                                                                             tmp_path):
+    from kfp_finetune.model_card import read_front_matter
+
+    out = Path(export_model(full_ws, RUNTIME, run_id="card-full", log=lambda _: None).path)
+    card = (out / "README.md").read_text()
+    front = read_front_matter(out / "README.md")
+    # A file:// base and dataset have no Hub id; the fixture's card declares no license.
+    assert front["library_name"] == "transformers" and "torchtune" in front["tags"]
+    assert not {"base_model", "datasets", "license"} & set(front)
+    rendered = yaml.safe_load((out / "torchtune_config.yaml").read_text())
+    for name, value in (("recipe", "full_finetune_single_device"), ("epochs", 1),
+                        ("batch_size", 8), ("learning_rate", rendered["optimizer"]["lr"]),
+                        ("max_seq_len", rendered["tokenizer"]["max_seq_len"] or "none"),
+                        ("packed", False)):
+        assert f"| {name} | `{value}` |" in card, name
+    assert "lora_rank" not in card and "**alpaca**" in card and "### Instruction:" in card
+    snippet = _run_card_snippet(out, tmp_path / "moved")
+    # No chat template in this base: the snippet uses the plain alpaca prompt.
+    assert "apply_chat_template" not in snippet and "### Response:" in snippet
+
+
+def test_lora_card_and_chat_template_come_from_the_base(lora_ws, chat_base, tmp_path):
+    from kfp_finetune.model_card import read_front_matter
+
+    out = Path(export_model(lora_ws, RUNTIME, run_id="card-lora", log=lambda _: None).path)
+    assert read_front_matter(out / "README.md")["license"] == "apache-2.0"
+    card = (out / "README.md").read_text()
+    rank = yaml.safe_load((out / "torchtune_config.yaml").read_text())["model"]["lora_rank"]
+    assert f"| lora_rank | `{rank}` |" in card and "torchao" in card
+    assert (out / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert "apply_chat_template" in _run_card_snippet(out, tmp_path / "moved")
 
 
 def test_a_second_run_never_overwrites_the_first_runs_export(full_ws):

@@ -56,7 +56,8 @@ def hyperparameters(conf: dict[str, Any], recipe: str) -> dict[str, Any]:
         recipe: The torchtune recipe that ran.
 
     Returns:
-        Name -> value; LoRA keys only for LoRA runs, unset values left out.
+        Name -> value; LoRA keys only for LoRA runs, unset values left out (but
+        ``max_seq_len``: None, no truncation).
     """
     values = {
         "recipe": recipe,
@@ -74,7 +75,8 @@ def hyperparameters(conf: dict[str, Any], recipe: str) -> dict[str, Any]:
         "max_steps_per_epoch": conf.get("max_steps_per_epoch"),
         **lora_settings(conf),
     }
-    return {k: v for k, v in values.items() if v is not None}
+    # max_seq_len None means samples were not truncated: worth saying, unlike other unset keys.
+    return {k: v for k, v in values.items() if v is not None or k == "max_seq_len"}
 
 
 def lora_settings(conf: dict[str, Any]) -> dict[str, Any]:
@@ -274,7 +276,7 @@ def render_card(meta: dict[str, Any], conf: dict[str, Any], export_dir: Path,
                      f"model `{meta['inputs'].get('model')}`, config "
                      f"`{meta['inputs'].get('config')}` (kfp-finetune content digests)")
     lines += ["", "## Training hyperparameters", "", "| name | value |", "| --- | --- |"]
-    lines += [f"| {k} | `{v}` |" for k, v in params.items()]
+    lines += [f"| {k} | `{'none' if v is None else v}` |" for k, v in params.items()]
     lines += ["", "The full config is in `torchtune_config.yaml`.", "", "## Prompt format", "",
               fmt, "", "## Usage", "", "```python", snippet.rstrip(), "```"]
     if meta.get("adapter_path"):
