@@ -142,10 +142,11 @@ def run_local(
 
 
 def publish_loss_curve(pipeline_root: Path) -> Path | None:
-    """Copy the newest run's loss curve to ``loss_curve.html`` beside it (and its metrics).
+    """Copy the newest run's loss curve to ``loss_curve.html`` beside it and the metrics.
 
     kfp.local names each output artifact after its output, without extension
-    (``<pipeline_root>/<run>/<task>/loss_curve``), which a browser does not open as HTML.
+    (``<pipeline_root>/<run>/fine-tune/loss_curve``; the task's Metrics are in
+    ``executor_output.json`` there), which a browser does not open as HTML.
 
     Returns:
         The ``.html`` copy, or None when no loss curve was written.
