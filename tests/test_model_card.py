@@ -22,7 +22,7 @@ from kfp_finetune.report import loss_curve_html, nice_ticks
 META = {
     "base_model": "hf://meta-llama/Llama-3.2-1B-Instruct@main",
     "base_model_revision": "0123abcd",
-    "dataset": "hf://tatsu-lab/alpaca",
+    "dataset": "hf://tatsu-lab/alpaca@v1/data",
     "recipe": "lora_finetune_single_device",
     "config": "llama3_2/1B_lora_single_device",
     "runtime": "torchtune-llama3.2-1b",
@@ -108,6 +108,7 @@ def test_chat_template_is_carried_when_the_checkpoint_lost_it(tmp_path):
 def test_adapter_base_is_something_peft_can_load(tmp_path: Path):
     assert adapter_base({"source": "hf://org/m@rev", "revision": "abc"}, tmp_path) == (
         "org/m", "abc")
+    assert adapter_base({"source": "hf://org/m"}, tmp_path) == ("org/m", None)
     assert adapter_base({"source": "file:///models/m"}, tmp_path) == ("/models/m", None)
     assert adapter_base({"source": "s3://b/m"}, tmp_path) == (str(tmp_path), None)
 

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kfp_finetune.model_card import ADAPTER_DIR, hyperparameters, lora_settings
+from kfp_finetune.model_card import ADAPTER_DIR, hf_repo_id, hyperparameters, lora_settings
 
 
 def adapter_base(base: dict[str, Any], model_dir: Path) -> tuple[str, str | None]:
@@ -17,8 +17,9 @@ def adapter_base(base: dict[str, Any], model_dir: Path) -> tuple[str, str | None
     (S3) base the workspace's copy, the only local folder that holds it.
     """
     source = str(base.get("source", ""))
-    if source.startswith("hf://"):
-        return source[len("hf://"):].split("@")[0], base.get("revision") or None
+    repo = hf_repo_id(source)
+    if repo:
+        return repo, base.get("revision") or None
     if source.startswith("file://"):
         return source[len("file://"):], None
     if source.startswith("/"):

@@ -22,7 +22,6 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
-_HF_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 _ALPACA_PROMPT = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request.\n\n"
@@ -32,11 +31,16 @@ _EXAMPLE = "Name the capital of Italy."
 
 
 def hf_repo_id(source: str) -> str | None:
-    """The ``org/name`` of an ``hf://org/name[@rev]`` source, else None."""
+    """The ``org/name`` of an ``hf://org/name[@rev][/path]`` source, else None."""
+    from kfp_finetune.errors import KfpFinetuneError
+    from kfp_finetune.uris import parse_storage_uri
+
     if not source.startswith("hf://"):
         return None
-    repo = source[len("hf://"):].split("@")[0].strip("/")
-    return repo if _HF_ID_RE.fullmatch(repo) else None
+    try:
+        return parse_storage_uri(source, "dataset").repo_id or None
+    except KfpFinetuneError:
+        return None
 
 
 def _get(conf: dict[str, Any], dotted: str) -> Any:
