@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import stat
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from kfp_finetune import finetune, steps
 from kfp_finetune.errors import ConfigError, WorkspaceError
@@ -35,11 +37,19 @@ PROMPT = "Name the capital. Italy"
 transformers = pytest.importorskip("transformers")
 
 
-def _train(tiny, root: Path, config: TorchTuneConfig) -> Path:
+# A Llama 3 style chat template, as Hub instruct models carry.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+    "\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def _train(tiny, root: Path, config: TorchTuneConfig, base: Path | None = None) -> Path:
     quiet = lambda _: None  # noqa: E731
     steps.initialize_dataset(root, str(tiny["alpaca"] / "data"), TorchTuneInstructDataset(),
                              log=quiet)
-    steps.initialize_model(root, str(tiny["llama3_2"]), RUNTIME, config, log=quiet)
+    steps.initialize_model(root, str(base or tiny["llama3_2"]), RUNTIME, config, log=quiet)
     finetune.run_fine_tune(root, RUNTIME, config, log=quiet)
     return root
 
@@ -51,10 +61,24 @@ def full_ws(tiny, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lora_ws(tiny, tmp_path_factory) -> Path:
+def chat_base(tiny, tmp_path_factory) -> Path:
+    """The tiny Llama (same weights) with a chat template and a license, as Hub models have."""
+    base = tmp_path_factory.mktemp("chat-base") / "tiny-llama3_2-chat"
+    shutil.copytree(tiny["llama3_2"], base)
+    # Where recent transformers save it (tokenizer_config.json's chat_template is the older
+    # place; model_card.carry_chat_template handles both, see test_model_card.py).
+    (base / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny chat model\n")
+    return base
+
+
+@pytest.fixture(scope="module")
+def lora_ws(tiny, chat_base, tmp_path_factory) -> Path:
+    # No rank or alpha given: the torchtune config's own (64, 128) are used, and must be
+    # what the export records.
     config = TorchTuneConfig(epochs=1, batch_size=4, resources_per_node={"gpu": 0},
-                             peft_config=LoraConfig(lora_rank=8, lora_alpha=16))
-    return _train(tiny, tmp_path_factory.mktemp("lora") / "ws", config)
+                             peft_config=LoraConfig())
+    return _train(tiny, tmp_path_factory.mktemp("lora") / "ws", config, chat_base)
 
 
 def _input_ids(folder: Path) -> torch.Tensor:
@@ -155,9 +179,10 @@ def _peft_without_torchao(monkeypatch) -> None:
             monkeypatch.setattr(module, "is_torchao_available", lambda: False)
 
 
-def test_lora_export_gives_the_merged_model_and_a_peft_adapter(lora_ws, tiny, monkeypatch):
+def test_lora_export_gives_the_merged_model_and_a_peft_adapter(lora_ws, tiny, chat_base,
+                                                               monkeypatch):
     _peft_without_torchao(monkeypatch)
-    from peft import PeftModel
+    from peft import AutoPeftModelForCausalLM, PeftModel
 
     result = export_model(lora_ws, RUNTIME, run_id="run-lora-1", log=lambda _: None)
     out = Path(result.path)
@@ -167,8 +192,16 @@ def test_lora_export_gives_the_merged_model_and_a_peft_adapter(lora_ws, tiny, mo
         "adapter_config.json", "adapter_model.safetensors"]
     assert not (out / "adapter_model.safetensors").exists()
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
-    assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == 8
-    assert adapter_config["task_type"] == "CAUSAL_LM"
+    rendered = yaml.safe_load((out / "torchtune_config.yaml").read_text())["model"]
+    assert adapter_config["peft_type"] == "LORA" and adapter_config["task_type"] == "CAUSAL_LM"
+    # The rank actually used (the config's default here), not the unset option (None).
+    rank = rendered["lora_rank"]
+    assert isinstance(rank, int) and adapter_config["r"] == rank
+    meta = result.metadata
+    assert meta["training"]["peft"]["lora_rank"] == meta["hyperparameters"]["lora_rank"] == rank
+    assert meta["training"]["peft"]["lora_alpha"] == rendered["lora_alpha"]
+    # A file:// base: the adapter names that folder, which peft loads (it was empty).
+    assert adapter_config["base_model_name_or_path"] == str(chat_base)
 
     ids = _input_ids(out)
     merged = _hf_logits(out, ids)
@@ -188,11 +221,68 @@ def test_lora_export_gives_the_merged_model_and_a_peft_adapter(lora_ws, tiny, mo
         peft_model = PeftModel.from_pretrained(base_model, str(adapter)).eval()
         with_adapter = peft_model(ids).logits[0]
     assert (with_adapter - merged).abs().max().item() < ATOL
+    # AutoPeftModelForCausalLM finds the base model from adapter_config.json alone.
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(adapter), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (auto(ids).logits[0] - merged).abs().max().item() < ATOL
     # The adapter changes the output (so the comparisons above are not trivially equal).
     print(f"LoRA: max |merged - base| = {(merged - base).abs().max().item():.2e}, "
           f"|merged - torchtune| = {(merged - tt).abs().max().item():.2e}, "
           f"|peft - merged| = {(with_adapter - merged).abs().max().item():.2e}")
     assert (merged - base).abs().max().item() > 10 * ATOL
+
+
+def _run_card_snippet(out: Path, moved: Path) -> str:
+    """Run the card's usage snippet against a copy of the export (its path substituted)."""
+    import contextlib
+    import io
+
+    card = (out / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert json.dumps(str(out)) in snippet
+    shutil.copytree(out, moved)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(snippet.replace(json.dumps(str(out)), json.dumps(str(moved))), {})  # noqa: S102
+    return snippet
+
+
+def test_model_card_has_front_matter_hyperparameters_and_a_snippet_that_runs(full_ws,
+                                                                             tmp_path):
+    from kfp_finetune.model_card import read_front_matter
+
+    out = Path(export_model(full_ws, RUNTIME, run_id="card-full", log=lambda _: None).path)
+    card = (out / "README.md").read_text()
+    front = read_front_matter(out / "README.md")
+    # A file:// base and dataset have no Hub id; the fixture's card declares no license.
+    assert front["library_name"] == "transformers" and "torchtune" in front["tags"]
+    assert not {"base_model", "datasets", "license"} & set(front)
+    rendered = yaml.safe_load((out / "torchtune_config.yaml").read_text())
+    for name, value in (("recipe", "full_finetune_single_device"), ("epochs", 1),
+                        ("batch_size", 8), ("learning_rate", rendered["optimizer"]["lr"]),
+                        ("max_seq_len", rendered["tokenizer"]["max_seq_len"] or "none"),
+                        ("packed", False)):
+        assert f"| {name} | `{value}` |" in card, name
+    assert "lora_rank" not in card and "**alpaca**" in card and "### Instruction:" in card
+    snippet = _run_card_snippet(out, tmp_path / "moved")
+    # No chat template in this base: the snippet uses the plain alpaca prompt.
+    assert "apply_chat_template" not in snippet and "### Response:" in snippet
+
+
+def test_lora_card_and_chat_template_come_from_the_base(lora_ws, chat_base, tmp_path):
+    from kfp_finetune.model_card import read_front_matter
+
+    out = Path(export_model(lora_ws, RUNTIME, run_id="card-lora", log=lambda _: None).path)
+    assert read_front_matter(out / "README.md")["license"] == "apache-2.0"
+    card = (out / "README.md").read_text()
+    rank = yaml.safe_load((out / "torchtune_config.yaml").read_text())["model"]["lora_rank"]
+    assert f"| lora_rank | `{rank}` |" in card and "torchao" in card
+    assert (out / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert "apply_chat_template" in _run_card_snippet(out, tmp_path / "moved")
 
 
 def test_a_second_run_never_overwrites_the_first_runs_export(full_ws):

@@ -293,7 +293,8 @@ def test_model_takes_only_what_torchtune_needs(tmp_path: Path, hub: HubServer) -
     names = {f["path"] for f in read_manifest(tmp_path / "model")["files"]}
     assert "model.safetensors" in names and "original/tokenizer.model" in names
     assert not names & {"pytorch_model.bin", "original/consolidated.00.pth",
-                        "flax_model.msgpack", "README.md"}
+                        "flax_model.msgpack"}
+    assert "README.md" in names  # the export's model card carries its license over
     assert summary.info.checkpoint_files == ["model.safetensors"]
     assert not hub.content_requests("pytorch_model.bin")
 

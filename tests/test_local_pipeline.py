@@ -44,6 +44,12 @@ def test_local_pipeline_leaves_a_hugging_face_checkpoint(tiny, tmp_path, capsys)
     # store fed the recipe (no tokenizing in the fine-tune step).
     used = (ws / "output" / "checkpoints" / "torchtune_config.yaml").read_text()
     assert "kfp_finetune.packed_data.pretokenized_dataset" in used
+    # kfp.local writes the chart as an artifact without extension; the run copies it to
+    # loss_curve.html beside it and the task's metrics (executor_output.json) and prints where.
+    curve = next((ws / ".kfp-local-outputs").rglob("loss_curve.html"))
+    assert "final_loss" in (curve.parent / "executor_output.json").read_text()
+    assert f"loss curve: {curve}" in out
+    assert curve.read_text().startswith("<!DOCTYPE html>") and ">step</text>" in curve.read_text()
 
 
 @pytest.mark.parametrize(

@@ -115,6 +115,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print("\nloss per step:")
     for step, loss in result.losses:
         print(f"  step {step:4d}  loss {loss:.4f}")
+    if result.loss_curve is not None:
+        print(f"\nloss curve: {result.loss_curve}")
     print(f"\nfine-tuned model: {result.model_dir}")
     return 0
 

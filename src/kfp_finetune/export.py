@@ -5,7 +5,7 @@ Layout of one export (``/workspace/output/<name>``, the seed's location)::
     config.json  generation_config.json  tokenizer.json  tokenizer_config.json  ...
     model-00001-of-0000N.safetensors ... model.safetensors.index.json
     torchtune_config.yaml              the full config the run trained with
-    README.md                          a short model card (base model, dataset, loss)
+    README.md                          the model card (front matter, hyperparameters, usage)
     adapter/                           LoRA runs only: the PEFT adapter
         adapter_config.json  adapter_model.safetensors
     .kfp-finetune.json                 completion manifest (the metadata), written last
@@ -38,6 +38,8 @@ from typing import Any
 from kfp_finetune.completion import check_trained_on_workspace, export_matches
 from kfp_finetune.credentials import hf_secret_command, hf_token
 from kfp_finetune.errors import ConfigError, ModelError, SourceError, WorkspaceError
+from kfp_finetune.export_metadata import adapter_config, export_metadata, load_config
+from kfp_finetune.model_card import ADAPTER_DIR, carry_chat_template, render_card
 from kfp_finetune.uris import redact_uri
 from kfp_finetune.workspace import (
     MANIFEST,
@@ -53,7 +55,6 @@ from kfp_finetune.workspace import (
 
 Log = Callable[[str], None]
 
-ADAPTER_DIR = "adapter"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 INDEX_FILE = "model.safetensors.index.json"
 # torchtune writes these next to the HF files; they are not part of a Hugging Face model.
@@ -434,47 +435,6 @@ def ensure_generation_config(folder: Path) -> None:
         gen.write_text(json.dumps({k: config[k] for k in keys if k in config}, indent=2) + "\n")
 
 
-def _adapter_config(path: Path, base: dict[str, Any]) -> None:
-    config = json.loads(path.read_text())
-    source = str(base.get("source", ""))
-    if source.startswith("hf://"):
-        # PEFT and vLLM resolve the base model from this field.
-        config.setdefault("base_model_name_or_path", source[len("hf://"):].split("@")[0])
-        if base.get("revision"):
-            config.setdefault("revision", base["revision"])
-    config.setdefault("task_type", "CAUSAL_LM")
-    config.setdefault("bias", "none")
-    path.write_text(json.dumps(config, indent=2) + "\n")
-
-
-def _model_card(meta: dict[str, Any]) -> str:
-    loss = meta.get("final_loss")
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [kfp-finetune, torchtune]",
-        "---",
-        f"# {Path(meta['path']).name}",
-        "",
-        f"Fine-tuned with torchtune ({meta['recipe']}, base config {meta['config']}) by the "
-        f"kfp-finetune runtime `{meta['runtime']}`.",
-        "",
-        f"- base model: `{meta['base_model']}`"
-        + (f" (revision `{meta['base_model_revision']}`)" if meta.get("base_model_revision")
-           else ""),
-        f"- dataset: `{meta['dataset']}`",
-        *([f"- trained on content: dataset `{meta['inputs'].get('dataset')}`, base model "
-           f"`{meta['inputs'].get('model')}`, config `{meta['inputs'].get('config')}` "
-           "(kfp-finetune content digests)"] if isinstance(meta.get("inputs"), dict) else []),
-        f"- final training loss: {loss:.4f}" if isinstance(loss, float) else "- final loss: n/a",
-        f"- run: `{meta['run_id']}`",
-    ]
-    if meta.get("adapter_path"):
-        lines.append(f"- LoRA: this folder is the merged model; the PEFT adapter is in "
-                     f"`{ADAPTER_DIR}/`.")
-    return "\n".join(lines) + "\n"
-
-
 # --------------------------------------------------------------------------- the step
 
 
@@ -578,31 +538,16 @@ def export_model(
             target.chmod(0o644)
         ensure_index(staging)
         ensure_generation_config(staging)
+        carry_chat_template(ws.model_dir, staging)
         if adapter:
-            _adapter_config(staging / ADAPTER_DIR / "adapter_config.json", base)
+            adapter_config(staging / ADAPTER_DIR / "adapter_config.json", base, ws.model_dir)
         config_yaml = ws.checkpoints_dir / "torchtune_config.yaml"
         if config_yaml.is_file():
             shutil.copy2(config_yaml, staging / "torchtune_config.yaml")
-        metadata: dict[str, Any] = {
-            "kind": "export",
-            "format": "huggingface-safetensors",
-            "run_id": run_id,
-            "fingerprint": trained["fingerprint"],
-            "runtime": runtime.name,
-            "base_model": base["source"],
-            "base_model_revision": base.get("revision"),
-            "dataset": dataset["source"],
-            "inputs": trained.get("inputs"),
-            "recipe": trained["recipe"],
-            "config": trained["config"],
-            "training": trained["resolved"],
-            "final_loss": trained.get("final_loss"),
-            "lora": adapter,
-            "path": str(final),
-            "adapter_path": str(final / ADAPTER_DIR) if adapter else None,
-            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        (staging / "README.md").write_text(_model_card(metadata))
+        conf = load_config(config_yaml)
+        metadata = export_metadata(trained, base, dataset, conf, runtime.name, run_id, final,
+                                   adapter)
+        (staging / "README.md").write_text(render_card(metadata, conf, staging, ws.model_dir))
         files = list_files(staging)
         metadata["files"] = files
         install(staging, final, metadata)

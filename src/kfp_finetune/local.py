@@ -23,6 +23,7 @@ from typing import Any
 
 from kfp_finetune.export import check_export_name, latest_export
 from kfp_finetune.params import training_params
+from kfp_finetune.report import LOSS_CURVE_FILE
 from kfp_finetune.runtimes import get_runtime
 from kfp_finetune.step_errors import clear_record, step_error
 from kfp_finetune.storage import check_ignore_patterns
@@ -40,6 +41,7 @@ class LocalRunResult:
     workspace: Path
     model_dir: Path
     losses: list[tuple[int, float]]
+    loss_curve: Path | None = None
 
 
 def pipeline_arguments(
@@ -135,7 +137,27 @@ def run_local(
                 raise
             raise error from None
         model_dir = latest_export(ws, export_name)
-    return LocalRunResult(ws.root, model_dir, read_metrics(ws.checkpoints_dir / "logs"))
+        curve = publish_loss_curve(ws.root / ".kfp-local-outputs")
+    return LocalRunResult(ws.root, model_dir, read_metrics(ws.checkpoints_dir / "logs"), curve)
+
+
+def publish_loss_curve(pipeline_root: Path) -> Path | None:
+    """Copy the newest run's loss curve to ``loss_curve.html`` beside it and the metrics.
+
+    kfp.local names each output artifact after its output, without extension
+    (``<pipeline_root>/<run>/fine-tune/loss_curve``; the task's Metrics are in
+    ``executor_output.json`` there), which a browser does not open as HTML.
+
+    Returns:
+        The ``.html`` copy, or None when no loss curve was written.
+    """
+    curves = sorted((p for p in pipeline_root.rglob("loss_curve") if p.is_file()),
+                    key=lambda p: p.stat().st_mtime_ns)
+    if not curves:
+        return None
+    target = curves[-1].with_name(LOSS_CURVE_FILE)
+    shutil.copyfile(curves[-1], target)
+    return target
 
 
 # ----------------------------------------------------------------------- task processes

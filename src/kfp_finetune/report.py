@@ -1,8 +1,103 @@
-"""A loss curve as self-contained HTML (inline SVG), which the KFP UI renders."""
+"""A loss curve as self-contained HTML (inline SVG), which the KFP UI renders.
+
+The y axis starts at 0 (or below the lowest loss, if one is negative), so a run whose loss
+moves from 6.14 to 6.09 looks like the small change it is, not like a cliff; the values
+themselves are printed under the chart and on each point's tooltip.
+"""
 
 from __future__ import annotations
 
 import html
+import math
+from collections.abc import Callable
+
+LOSS_CURVE_FILE = "loss_curve.html"
+Scale = Callable[[float], float]
+_W, _H, _LEFT, _RIGHT, _TOP, _BOTTOM = 640, 340, 64, 24, 20, 52
+
+
+def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """About ``count`` round tick values (1, 2 or 5 times a power of ten) covering low..high.
+
+    Args:
+        low: Smallest value to cover.
+        high: Largest value to cover.
+        count: Wanted number of intervals.
+
+    Returns:
+        Ascending ticks; the first is <= low and the last >= high.
+    """
+    if not high > low:
+        high = low + 1
+    raw = (high - low) / max(count, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.floor(low / step) * step
+    ticks = [first]
+    while ticks[-1] < high - 1e-12 * step:
+        ticks.append(first + len(ticks) * step)
+    return [round(t, 12) for t in ticks]
+
+
+def _label(value: float) -> str:
+    return f"{value:g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.1e}"
+
+
+def _axes(xticks: list[float], yticks: list[float], sx: Scale, sy: Scale) -> list[str]:
+    """Axis lines, ticks, tick labels, grid lines and axis titles."""
+    x_left, x_right, y_bottom = _LEFT, _W - _RIGHT, _H - _BOTTOM
+    parts = [
+        f'<line x1="{x_left}" y1="{y_bottom}" x2="{x_right}" y2="{y_bottom}" stroke="#444"/>',
+        f'<line x1="{x_left}" y1="{_TOP}" x2="{x_left}" y2="{y_bottom}" stroke="#444"/>',
+    ]
+    for t in xticks:
+        x = sx(t)
+        parts.append(f'<line x1="{x:.1f}" y1="{y_bottom}" x2="{x:.1f}" y2="{y_bottom + 5}" '
+                     'stroke="#444"/>')
+        parts.append(f'<text x="{x:.1f}" y="{y_bottom + 18}" font-size="11" '
+                     f'text-anchor="middle">{_label(t)}</text>')
+    for t in yticks:
+        y = sy(t)
+        parts.append(f'<line x1="{x_left}" y1="{y:.1f}" x2="{x_right}" y2="{y:.1f}" '
+                     'stroke="#eee"/>')
+        parts.append(f'<line x1="{x_left - 5}" y1="{y:.1f}" x2="{x_left}" y2="{y:.1f}" '
+                     'stroke="#444"/>')
+        parts.append(f'<text x="{x_left - 8}" y="{y + 4:.1f}" font-size="11" '
+                     f'text-anchor="end">{_label(t)}</text>')
+    parts.append(f'<text x="{(x_left + x_right) / 2:.1f}" y="{_H - 12}" font-size="12" '
+                 'text-anchor="middle">step</text>')
+    parts.append(f'<text x="16" y="{(_TOP + y_bottom) / 2:.1f}" font-size="12" '
+                 f'text-anchor="middle" transform="rotate(-90 16 {(_TOP + y_bottom) / 2:.1f})">'
+                 'loss</text>')
+    return parts
+
+
+def _chart(losses: list[tuple[int, float]], title: str) -> str:
+    steps = [s for s, _ in losses]
+    values = [v for _, v in losses if math.isfinite(v)] or [0.0]
+    xticks = nice_ticks(min(steps), max(steps)) if max(steps) > min(steps) else [steps[0]]
+    yticks = nice_ticks(min(0.0, min(values)), max(values))
+    x0, x1 = xticks[0], xticks[-1] if xticks[-1] > xticks[0] else xticks[0] + 1
+    y0, y1 = yticks[0], yticks[-1]
+
+    def sx(step: float) -> float:
+        return _LEFT + (step - x0) / (x1 - x0) * (_W - _LEFT - _RIGHT)
+
+    def sy(value: float) -> float:
+        return _H - _BOTTOM - (value - y0) / (y1 - y0) * (_H - _TOP - _BOTTOM)
+
+    shown = [(s, v) for s, v in losses if math.isfinite(v)]
+    line = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for s, v in shown)
+    dots = "".join(f'<circle cx="{sx(s):.1f}" cy="{sy(v):.1f}" r="2.5" fill="#1f77b4">'
+                   f"<title>step {s}: loss {v:.4f}</title></circle>" for s, v in shown)
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" '
+        f'viewBox="0 0 {_W} {_H}" role="img" aria-label="{html.escape(title)}">'
+        f'<rect width="{_W}" height="{_H}" fill="white"/>'
+        + "".join(_axes(xticks, yticks, sx, sy))
+        + f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{line}"/>{dots}'
+        "</svg>"
+    )
 
 
 def loss_curve_html(losses: list[tuple[int, float]], title: str = "Training loss") -> str:
@@ -13,38 +108,20 @@ def loss_curve_html(losses: list[tuple[int, float]], title: str = "Training loss
         title: Heading of the page.
 
     Returns:
-        The HTML text (no scripts, no external resources).
+        The HTML text (no scripts, no external resources): axes with ticks and titles
+        (step, loss), the y axis from 0, and the first, final and best loss in figures.
     """
-    width, height, pad = 640, 320, 48
     if not losses:
         body = "<p>No training step was logged.</p>"
     else:
-        steps = [s for s, _ in losses]
         values = [v for _, v in losses]
-        x0, x1 = min(steps), max(steps)
-        y0, y1 = min(values), max(values)
-        xspan, yspan = (x1 - x0) or 1, (y1 - y0) or 1
-
-        def point(step: int, value: float) -> str:
-            x = pad + (step - x0) / xspan * (width - 2 * pad)
-            y = height - pad - (value - y0) / yspan * (height - 2 * pad)
-            return f"{x:.1f},{y:.1f}"
-
-        line = " ".join(point(s, v) for s, v in losses)
+        finite = [v for v in values if math.isfinite(v)]
+        best = f"{min(finite):.4f}" if finite else "n/a"
+        change = values[-1] - values[0]
         body = (
-            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">'
-            f'<rect width="{width}" height="{height}" fill="white"/>'
-            f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" '
-            'stroke="#888"/>'
-            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#888"/>'
-            f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{line}"/>'
-            f'<text x="{pad}" y="{pad - 10}" font-size="12">{y1:.4f}</text>'
-            f'<text x="{pad}" y="{height - pad + 16}" font-size="12">{y0:.4f} @ step {x0}</text>'
-            f'<text x="{width - pad}" y="{height - pad + 16}" font-size="12" '
-            f'text-anchor="end">step {x1}</text></svg>'
-            f"<p>{len(losses)} steps; first loss {values[0]:.4f}, final {values[-1]:.4f}, "
-            f"best {min(values):.4f}.</p>"
+            _chart(losses, title)
+            + f"<p>{len(losses)} steps; first loss {values[0]:.4f}, final {values[-1]:.4f} "
+            f"(change {change:+.4f}), best {best}.</p>"
         )
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"

@@ -34,9 +34,11 @@ from kfp_finetune.workspace import check_free_space, disk_errors
 Log = Callable[[str], None]
 T = TypeVar("T")
 
-# What torchtune needs from a model repo: configs, weights, tokenizer files.
+# What torchtune needs from a model repo: configs, weights, tokenizer files; and what the
+# export carries over: the chat template (chat_template.jinja) and the card (its license).
 MODEL_ALLOW_PATTERNS = [
-    "*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*", "*.tiktoken",
+    "*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*", "*.tiktoken", "*.jinja",
+    "README.md",
 ]
 # Weight formats torchtune's Hugging Face checkpointer does not need when safetensors exist.
 MODEL_IGNORE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.gguf", "*.onnx", "*.ot"]
