@@ -13,9 +13,11 @@ Run::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
+import struct
 import sys
 import tempfile
 import time
@@ -36,9 +38,16 @@ def make_repo(folder: Path, total_mb: int) -> dict[str, Path]:
              if p.is_file() and not p.name.startswith(".")}
     shard = total_mb * 2**20 // 4
     for i in range(4):
+        # Valid safetensors (one uint8 tensor of random bytes): the model step checks each
+        # shard's header, so plain random files would be refused before the figures are taken.
         path = folder / f"model-{i + 1:05d}-of-00004.safetensors"
+        size = shard // 2**20 * 2**20
+        header = json.dumps({f"bench.pad{i}": {"dtype": "U8", "shape": [size],
+                                               "data_offsets": [0, size]}}).encode()
+        header += b" " * (-len(header) % 8)
         with path.open("wb") as f:
-            for _ in range(shard // 2**20):
+            f.write(struct.pack("<Q", len(header)) + header)
+            for _ in range(size // 2**20):
                 f.write(os.urandom(2**20))
         files[path.name] = path
     return files
