@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ TINY_SHAPE = {
     "max_position_embeddings": 2048,
 }
 _MARKER = ".fixture-complete"
+_WRITING = ".fixture-writing"  # written first: proves a half-made fixture folder is ours
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -90,13 +90,24 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _fresh_dir(out: Path) -> Path | None:
-    """Return None when a complete fixture is already at ``out``; else an empty folder."""
+    """Return None when a complete fixture is already at ``out``; else an empty folder.
+
+    Raises:
+        WorkspaceError: ``out`` holds files that no fixture run wrote (they are kept).
+    """
+    from kfp_finetune.ownership import remove_owned
+
     if (out / _MARKER).exists():
         return None
-    if out.exists():
-        shutil.rmtree(out)
+    remove_owned(out, proofs=(_WRITING,))  # a half-made fixture, or an empty folder
     out.mkdir(parents=True)
+    (out / _WRITING).write_text("")
     return out
+
+
+def _finish(out: Path) -> None:
+    (out / _MARKER).write_text("ok\n")
+    (out / _WRITING).unlink(missing_ok=True)
 
 
 def make_tiny_llama3_2(out: str | Path, seed: int = 0) -> Path:
@@ -183,7 +194,7 @@ def make_tiny_llama3_2(out: str | Path, seed: int = 0) -> Path:
             "model_max_length": s["max_position_embeddings"],
         },
     )
-    (out / _MARKER).write_text("ok\n")
+    _finish(out)
     return out
 
 
@@ -264,7 +275,7 @@ def make_tiny_qwen2_5(out: str | Path, seed: int = 0) -> Path:
             "model_max_length": s["max_position_embeddings"],
         },
     )
-    (out / _MARKER).write_text("ok\n")
+    _finish(out)
     return out
 
 
@@ -310,7 +321,7 @@ def make_alpaca_parquet(out: str | Path, rows: int = 64, seed: int = 0) -> Path:
     data.mkdir()
     table = pa.Table.from_pylist(alpaca_rows(rows, seed))
     pq.write_table(table, data / "train-00000-of-00001.parquet")
-    (out / _MARKER).write_text("ok\n")
+    _finish(out)
     return out
 
 
