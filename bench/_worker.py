@@ -174,7 +174,7 @@ def _attention_shape(model: Any) -> dict[str, int]:
 
 
 def _metric_rows(cfg: Any) -> list[dict[str, float]]:
-    from kfp_finetune.training_log import read_metric_rows
+    from kfp_finetune.steps.training_log import read_metric_rows
 
     return read_metric_rows(Path(cfg.metric_logger.log_dir))
 

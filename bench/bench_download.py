@@ -31,7 +31,7 @@ from hub_server import HubServer  # noqa: E402
 
 def make_repo(folder: Path, total_mb: int) -> dict[str, Path]:
     """A tiny Llama checkpoint plus four random safetensors shards of ``total_mb`` in all."""
-    from kfp_finetune.fixtures import make_tiny_llama3_2
+    from kfp_finetune.drivers.fixtures import make_tiny_llama3_2
 
     model = make_tiny_llama3_2(folder / "tiny")
     files = {p.relative_to(model).as_posix(): p for p in model.rglob("*")
@@ -69,8 +69,8 @@ def main() -> None:
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import disable_progress_bars
 
-    from kfp_finetune.steps import initialize_model
-    from kfp_finetune.types import TorchTuneConfig
+    from kfp_finetune.config.types import TorchTuneConfig
+    from kfp_finetune.steps.initializers import initialize_model
 
     disable_progress_bars()
     with tempfile.TemporaryDirectory() as tmp_s, HubServer() as hub:

@@ -29,11 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kfp_finetune import finetune, steps
-from kfp_finetune.runtimes import get_runtime
-from kfp_finetune.tune_config import base_config_path, resolve
-from kfp_finetune.types import LoraConfig, TorchTuneConfig, TorchTuneInstructDataset
-from kfp_finetune.workspace import Workspace
+from kfp_finetune.config.runtimes import get_runtime
+from kfp_finetune.config.types import LoraConfig, TorchTuneConfig, TorchTuneInstructDataset
+from kfp_finetune.steps import fine_tune as finetune
+from kfp_finetune.steps import initializers as steps
+from kfp_finetune.steps.tune_config import base_config_path, resolve
+from kfp_finetune.storage.workspace import Workspace
 
 
 @dataclass

@@ -43,7 +43,7 @@ class Inputs:
     spec: synth.ModelSpec
     model_dir: Path
     dataset_dir: Path
-    ws: Any  # kfp_finetune.workspace.Workspace
+    ws: Any  # kfp_finetune.storage.workspace.Workspace
     gpus: int | None
 
 
@@ -64,7 +64,7 @@ def card_memory_gib(device: str) -> float | None:
     """The card memory the fine-tune step would read on this machine (None on CPU)."""
     if device != "cuda":
         return None
-    from kfp_finetune.gpu_defaults import detect_gpu_memory_gib
+    from kfp_finetune.steps.gpu_defaults import detect_gpu_memory_gib
 
     return detect_gpu_memory_gib()
 
@@ -72,7 +72,7 @@ def card_memory_gib(device: str) -> float | None:
 def ours_and_anchor(inputs: Inputs, device: str,
                     lora: bool = False) -> tuple[configs.RunConfig, configs.RunConfig]:
     """Our rendered config and the anchor's, for the same workspace (LoRA: both LoRA)."""
-    from kfp_finetune.types import LoraConfig
+    from kfp_finetune.config.types import LoraConfig
 
     ours = configs.ours(inputs.ws, inputs.spec.runtime, inputs.gpus,
                         peft=LoraConfig() if lora else None,

@@ -114,7 +114,7 @@ def _executable(name: str) -> list[str]:
     exe = Path(common.PYTHON).parent / name
     if exe.exists():
         return [str(exe)]
-    module = {"kfp-finetune": "kfp_finetune.cli", "tune": "torchtune._cli.tune"}[name]
+    module = {"kfp-finetune": "kfp_finetune.drivers.cli", "tune": "torchtune._cli.tune"}[name]
     return [common.PYTHON, "-m", module]
 
 
@@ -134,7 +134,7 @@ def _plain_config(pipeline_config: Path, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line."""
-    from kfp_finetune.fixtures import make_fixtures
+    from kfp_finetune.drivers.fixtures import make_fixtures
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=3, help="runs of each (interleaved)")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kfp_finetune.fixtures import bytes_to_unicode
+from kfp_finetune.drivers.fixtures import bytes_to_unicode
 
 MARKER = ".bench-complete"
 
@@ -59,7 +59,7 @@ class ModelSpec:
 
 
 def _tiny_shape() -> dict[str, Any]:
-    from kfp_finetune.fixtures import TINY_SHAPE
+    from kfp_finetune.drivers.fixtures import TINY_SHAPE
 
     return dict(TINY_SHAPE)
 

@@ -3,7 +3,7 @@
 *Before*: the fine-tune step as it was: torchtune's ``PackedDataset`` tokenizes and packs the
 whole dataset (single-threaded) during the recipe's setup. *After*: the tokenize-dataset step
 has written ``<workspace>/tokenized`` first, and the fine-tune step feeds it to the recipe
-through ``kfp_finetune.packed_data.pretokenized_dataset``.
+through ``kfp_finetune.plugins.packed_data.pretokenized_dataset``.
 
 Both sides call the real ``finetune.run_fine_tune`` on the same workspace (filled by the real
 initializer steps from ``synth``'s alpaca-length rows and tiny Llama-3.2 checkpoint), packed to
@@ -32,9 +32,9 @@ import common  # noqa: E402
 import synth  # noqa: E402
 from configs import fill_workspace  # noqa: E402
 
-from kfp_finetune.finetune import run_fine_tune  # noqa: E402
-from kfp_finetune.pretokenize import TOKENIZED_DIR, tokenize_dataset  # noqa: E402
-from kfp_finetune.types import TorchTuneConfig  # noqa: E402
+from kfp_finetune.config.types import TorchTuneConfig  # noqa: E402
+from kfp_finetune.steps.fine_tune import run_fine_tune  # noqa: E402
+from kfp_finetune.steps.tokenize_dataset import TOKENIZED_DIR, tokenize_dataset  # noqa: E402
 
 SECTION = "Time to first step: tokenizing before the GPU step"
 INTRO = """\
@@ -42,7 +42,8 @@ What: the fine-tune step's time from its start (`run_fine_tune` called) to its f
 step (the recipe logs step 1), **before** (torchtune's `PackedDataset` tokenizes and packs the
 dataset single-threaded in the recipe's setup, on the GPU node) and **after** (the
 tokenize-dataset task wrote `<workspace>/tokenized` on a CPU node first; the recipe reads it
-through `kfp_finetune.packed_data.pretokenized_dataset`). Data: `bench/synth.py`'s alpaca-length
+through `kfp_finetune.plugins.packed_data.pretokenized_dataset`).
+Data: `bench/synth.py`'s alpaca-length
 rows (52k, as tatsu-lab/alpaca), tiny Llama-3.2 checkpoint (`torchtune-llama3.2-tiny`, CPU
 recipe), packed to 2048, batch 4. Both sides include starting `tune run` (Python, torch and
 torchtune imports), model and optimizer setup, the first step. The tokenize-dataset task is

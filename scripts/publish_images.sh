@@ -31,7 +31,7 @@ fi
 
 # One line per image: its Dockerfile, its reference, the variable that names it at compile time.
 # This also validates REGISTRY and TAG.
-refs=$("$py" -m kfp_finetune.images "$registry" ${3:+"$3"}) || exit 2
+refs=$("$py" -m kfp_finetune.config.images "$registry" ${3:+"$3"}) || exit 2
 
 out_abs=$("$py" -c 'import os, sys; print(os.path.realpath(sys.argv[1]))' "$out")
 [ "$out_abs" != "$(pwd -P)/compiled" ] \
@@ -58,5 +58,5 @@ while read -r _ ref var; do
   images+=("$var=$ref")
 done <<< "$refs"
 
-env "${images[@]}" "$py" -m kfp_finetune.cli compile --output-dir "$out"
+env "${images[@]}" "$py" -m kfp_finetune.drivers.cli compile --output-dir "$out"
 echo "publish_images: pushed ${images[*]}; pipelines compiled against them in $out/"

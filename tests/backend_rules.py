@@ -16,9 +16,9 @@ from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from kfp_finetune.backend import FEATURES
-from kfp_finetune.cluster_ops import parse_quantity
+from kfp_finetune.drivers.backend import FEATURES
 from kfp_finetune.errors import ConfigError
+from kfp_finetune.steps.check_config import parse_quantity
 
 # backend/src/v2/driver/util.go: fullInputParameterRe, the placeholder of a resource field.
 PLACEHOLDER = re.compile(r"^\{\{\$\.inputs\.parameters\['(.+?)'\]\}\}$")
@@ -292,7 +292,7 @@ def secret_names(spec: dict[str, Any], platform: dict[str, Any] | None,
 
 
 def features_used(spec: dict[str, Any], platform: dict[str, Any] | None) -> dict[str, str]:
-    """Feature name -> where the YAML uses it (names as in ``kfp_finetune.backend``)."""
+    """Feature name -> where the YAML uses it (names as in ``kfp_finetune.drivers.backend``)."""
     used: dict[str, str] = {}
     for label, config in executor_configs(platform).items():
         for key in config:
@@ -318,7 +318,7 @@ def features_used(spec: dict[str, Any], platform: dict[str, Any] | None) -> dict
 
 
 def unlisted_features(spec: dict[str, Any], platform: dict[str, Any] | None) -> list[str]:
-    """Features the YAML uses that ``kfp_finetune.backend.FEATURES`` does not list."""
+    """Features the YAML uses that ``kfp_finetune.drivers.backend.FEATURES`` does not list."""
     listed = {f.name for f in FEATURES}
     return [f"{name} (in {where})" for name, where in features_used(spec, platform).items()
             if name not in listed]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kfp_finetune.fixtures import make_fixtures
+from kfp_finetune.drivers.fixtures import make_fixtures
 
 
 @pytest.fixture(scope="session")

@@ -216,7 +216,8 @@ print("fine-tuned model:", result.model_dir)
 
 def cli_argv(tiny: dict[str, Path], ws: Path, *extra: str) -> list[str]:
     """``kfp-finetune run --local`` on the tiny fixtures (the whole-run settings)."""
-    return [sys.executable, "-m", "kfp_finetune.cli", "run", "--local", "--runtime", RUNTIME,
+    return [sys.executable, "-m", "kfp_finetune.drivers.cli", "run", "--local",
+            "--runtime", RUNTIME,
             "--model-uri", str(tiny["llama3_2"]), "--dataset-uri",
             f"file://{tiny['alpaca']}/data", "--workspace", str(ws), *CLI_TRAINING,
             "--export-name", EXPORT_NAME, *extra]

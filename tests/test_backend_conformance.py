@@ -26,12 +26,12 @@ from backend_rules import (
 )
 from kfp import compiler, dsl, kubernetes
 
-from kfp_finetune.backend import FEATURES, MIN_BACKEND, check_backend_version
-from kfp_finetune.cluster_ops import check_cluster_settings
-from kfp_finetune.compile import REPO_COMPILED
+from kfp_finetune.config.runtimes import RUNTIMES
+from kfp_finetune.drivers.backend import FEATURES, MIN_BACKEND, check_backend_version
+from kfp_finetune.drivers.compile import REPO_COMPILED
 from kfp_finetune.errors import ConfigError
 from kfp_finetune.pipelines.finetune import pipeline_name
-from kfp_finetune.runtimes import RUNTIMES
+from kfp_finetune.steps.check_config import check_cluster_settings
 
 RUN_ID = "0b6f1a52-4c1e-4a7e-9d43-2f7a3c0e8b11"
 FINE_TUNE = "exec-fine-tune"
@@ -136,7 +136,7 @@ def test_the_floor_refuses_an_older_backend_and_names_what_it_lacks():
 def test_yaml_compiled_with_other_images_obeys_the_rules(tmp_path):
     # `compile` reads the image variables at import: a fresh process, as a user would run it.
     env = {**os.environ, "KFP_FINETUNE_REGISTRY": "registry.example.com/ml"}
-    subprocess.run([sys.executable, "-m", "kfp_finetune.cli", "compile", "--runtime",
+    subprocess.run([sys.executable, "-m", "kfp_finetune.drivers.cli", "compile", "--runtime",
                     "torchtune-llama3.2-3b", "--runtime", "torchtune-qwen2.5-tiny",
                     "--output-dir", str(tmp_path)], env=env, check=True, capture_output=True)
     for path in sorted(tmp_path.glob("*.yaml")):

@@ -20,18 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kfp_finetune.api import BuiltinTrainer, train
-from kfp_finetune.cli import build_parser, main
-from kfp_finetune.errors import (
-    ConfigError,
-    DatasetError,
-    ModelError,
-    SourceError,
-    WorkspaceError,
-)
-from kfp_finetune.fixtures import alpaca_rows
-from kfp_finetune.steps import initialize_dataset, initialize_model
-from kfp_finetune.types import (
+from kfp_finetune.config.types import (
     HuggingFaceDatasetInitializer,
     HuggingFaceModelInitializer,
     Initializer,
@@ -39,6 +28,17 @@ from kfp_finetune.types import (
     TorchTuneConfig,
     TorchTuneInstructDataset,
 )
+from kfp_finetune.drivers.api import BuiltinTrainer, train
+from kfp_finetune.drivers.cli import build_parser, main
+from kfp_finetune.drivers.fixtures import alpaca_rows
+from kfp_finetune.errors import (
+    ConfigError,
+    DatasetError,
+    ModelError,
+    SourceError,
+    WorkspaceError,
+)
+from kfp_finetune.steps.initializers import initialize_dataset, initialize_model
 
 RUNTIME = "torchtune-llama3.2-tiny"
 
@@ -124,10 +124,10 @@ def _model(folder: str, runtime: str = RUNTIME) -> Callable[..., object]:
 
 def _preflight(folder: str, max_seq_len: int) -> Callable[..., object]:
     def call(ws: Path, tiny: dict[str, Path], bad: dict[str, Path]) -> object:
-        from kfp_finetune.finetune import check_samples_fit, prepare_training
-        from kfp_finetune.runtimes import get_runtime
-        from kfp_finetune.tune_config import resolve
-        from kfp_finetune.workspace import Workspace
+        from kfp_finetune.config.runtimes import get_runtime
+        from kfp_finetune.steps.fine_tune import check_samples_fit, prepare_training
+        from kfp_finetune.steps.tune_config import resolve
+        from kfp_finetune.storage.workspace import Workspace
 
         config = TorchTuneConfig(max_seq_len=max_seq_len)
         initialize_dataset(ws, str(bad[folder]), TorchTuneInstructDataset(), lambda _: None)
@@ -762,7 +762,7 @@ def test_in_task_errors_end_the_cli_with_the_steps_one_line(
     kfp.local (kfp/local/pipeline_orchestrator.py) only raises "Inner task failed"; the step
     records its own error and the CLI repeats the line the task ended with.
     """
-    from kfp_finetune.step_errors import PREFIX
+    from kfp_finetune.steps.step_errors import PREFIX
 
     ws = tmp_path / "ws"
     argv = _cli_argv(tiny, ws, tuple(case.call.cli(tiny, bad)))  # type: ignore[union-attr]

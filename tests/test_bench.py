@@ -60,7 +60,7 @@ def test_peak_memory_is_the_largest_per_step_value(tmp_path):
     # only the tail; the step with the activations is in the metric log.
     from torchtune.training.metric_logging import DiskLogger
 
-    from kfp_finetune.training_log import read_metric_rows
+    from kfp_finetune.steps.training_log import read_metric_rows
 
     logger = DiskLogger(log_dir=str(tmp_path), filename="metrics.txt")
     for step, alloc in enumerate([21.5, 24.25, 23.0], start=1):

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kfp_finetune.compile import REPO_COMPILED, check_compiled, compile_runtime
-from kfp_finetune.runtimes import RUNTIMES
+from kfp_finetune.config.runtimes import RUNTIMES
+from kfp_finetune.drivers.compile import REPO_COMPILED, check_compiled, compile_runtime
 
 STEPS = ("dataset-initializer", "model-initializer", "tokenize-dataset", "fine-tune",
          "export-model")
@@ -117,7 +117,7 @@ def test_initializers_run_in_parallel_and_fine_tune_waits_for_both(compiled, run
 
 @pytest.mark.parametrize("runtime", list(RUNTIMES))
 def test_components_use_the_project_images_without_installing_kfp(compiled, runtime):
-    from kfp_finetune import images
+    from kfp_finetune.config import images
 
     spec, _ = compiled[runtime]
     execs = spec["deploymentSpec"]["executors"]

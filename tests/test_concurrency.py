@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from kfp_finetune.cli import main
+from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
+from kfp_finetune.drivers.cli import main
 from kfp_finetune.errors import WorkspaceError
-from kfp_finetune.finetune import LOCK_FILE, RUN_FILE, run_fine_tune
-from kfp_finetune.steps import initialize_dataset, initialize_model
-from kfp_finetune.types import TorchTuneConfig, TorchTuneInstructDataset
-from kfp_finetune.workspace import LOCK_FILE as WS_LOCK
-from kfp_finetune.workspace import workspace_lock
+from kfp_finetune.steps.fine_tune import LOCK_FILE, RUN_FILE, run_fine_tune
+from kfp_finetune.steps.initializers import initialize_dataset, initialize_model
+from kfp_finetune.storage.workspace import LOCK_FILE as WS_LOCK
+from kfp_finetune.storage.workspace import workspace_lock
 
 sys.path.insert(0, str(Path(__file__).parent))
 import faultkit  # noqa: E402
@@ -22,7 +22,7 @@ from faultkit import RUNTIME, file_digests, kill, start_python, wait_until  # no
 
 HOLD_LOCK = """
 import sys, time
-from kfp_finetune.workspace import workspace_lock
+from kfp_finetune.storage.workspace import workspace_lock
 with workspace_lock(sys.argv[1], "kfp-finetune run --local"):
     open(sys.argv[2], "w").close()
     time.sleep(600)
@@ -94,8 +94,8 @@ def test_second_local_run_on_the_same_workspace_is_refused(
 
 TRAIN = f"""
 import sys
-from kfp_finetune.finetune import run_fine_tune
-from kfp_finetune.types import TorchTuneConfig
+from kfp_finetune.steps.fine_tune import run_fine_tune
+from kfp_finetune.config.types import TorchTuneConfig
 run_fine_tune(sys.argv[1], {RUNTIME!r}, TorchTuneConfig(epochs=1))
 """
 

@@ -18,14 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from kfp_finetune import storage, workspace
-from kfp_finetune.cli import main
+from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
+from kfp_finetune.drivers.cli import main
 from kfp_finetune.errors import WorkspaceError
-from kfp_finetune.export import export_model, latest_export
-from kfp_finetune.finetune import _disk_full, run_fine_tune
-from kfp_finetune.steps import initialize_dataset, initialize_model
-from kfp_finetune.types import TorchTuneConfig, TorchTuneInstructDataset
-from kfp_finetune.workspace import (
+from kfp_finetune.steps.export_model import export_model, latest_export
+from kfp_finetune.steps.fine_tune import _disk_full, run_fine_tune
+from kfp_finetune.steps.initializers import initialize_dataset, initialize_model
+from kfp_finetune.storage import fetch as storage
+from kfp_finetune.storage import workspace
+from kfp_finetune.storage.workspace import (
     MANIFEST,
     Workspace,
     check_free_space,

@@ -18,17 +18,18 @@ import pytest
 import torch
 import yaml
 
-from kfp_finetune import finetune, steps
+from kfp_finetune.config.types import LoraConfig, TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.errors import ConfigError, WorkspaceError
-from kfp_finetune.export import (
+from kfp_finetune.steps import fine_tune as finetune
+from kfp_finetune.steps import initializers as steps
+from kfp_finetune.steps.export_model import (
     ADAPTER_DIR,
     export_model,
     latest_export,
     parse_destination,
     push,
 )
-from kfp_finetune.types import LoraConfig, TorchTuneConfig, TorchTuneInstructDataset
-from kfp_finetune.workspace import MANIFEST, Workspace
+from kfp_finetune.storage.workspace import MANIFEST, Workspace
 
 RUNTIME = "torchtune-llama3.2-tiny"
 ATOL = 1e-5
@@ -249,7 +250,7 @@ def _run_card_snippet(out: Path, moved: Path) -> str:
 
 def test_model_card_has_front_matter_hyperparameters_and_a_snippet_that_runs(full_ws,
                                                                              tmp_path):
-    from kfp_finetune.model_card import read_front_matter
+    from kfp_finetune.steps.model_card import read_front_matter
 
     out = Path(export_model(full_ws, RUNTIME, run_id="card-full", log=lambda _: None).path)
     card = (out / "README.md").read_text()
@@ -270,7 +271,7 @@ def test_model_card_has_front_matter_hyperparameters_and_a_snippet_that_runs(ful
 
 
 def test_lora_card_and_chat_template_come_from_the_base(lora_ws, chat_base, tmp_path):
-    from kfp_finetune.model_card import read_front_matter
+    from kfp_finetune.steps.model_card import read_front_matter
 
     out = Path(export_model(lora_ws, RUNTIME, run_id="card-lora", log=lambda _: None).path)
     assert read_front_matter(out / "README.md")["license"] == "apache-2.0"

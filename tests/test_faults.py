@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.errors import WorkspaceError
-from kfp_finetune.export import export_model, latest_export
-from kfp_finetune.finetune import run_fine_tune
-from kfp_finetune.steps import initialize_dataset, initialize_model
-from kfp_finetune.training_log import read_metrics
-from kfp_finetune.types import TorchTuneConfig, TorchTuneInstructDataset
-from kfp_finetune.workspace import MANIFEST, Workspace, read_manifest
+from kfp_finetune.steps.export_model import export_model, latest_export
+from kfp_finetune.steps.fine_tune import run_fine_tune
+from kfp_finetune.steps.initializers import initialize_dataset, initialize_model
+from kfp_finetune.steps.training_log import read_metrics
+from kfp_finetune.storage.workspace import MANIFEST, Workspace, read_manifest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import faultkit  # noqa: E402
@@ -55,20 +55,20 @@ PARQUET = "data/train-00000-of-00001.parquet"
 
 DATASET_STEP = """
 import sys
-from kfp_finetune.steps import initialize_dataset
-from kfp_finetune.types import TorchTuneInstructDataset
+from kfp_finetune.steps.initializers import initialize_dataset
+from kfp_finetune.config.types import TorchTuneInstructDataset
 initialize_dataset(sys.argv[1], sys.argv[2], TorchTuneInstructDataset())
 """
 MODEL_STEP = f"""
 import sys
-from kfp_finetune.steps import initialize_model
-from kfp_finetune.types import TorchTuneConfig
+from kfp_finetune.steps.initializers import initialize_model
+from kfp_finetune.config.types import TorchTuneConfig
 initialize_model(sys.argv[1], sys.argv[2], {RUNTIME!r}, {CONFIG_SRC})
 """
 TRAIN_STEP = f"""
 import sys
-from kfp_finetune.finetune import run_fine_tune
-from kfp_finetune.types import TorchTuneConfig
+from kfp_finetune.steps.fine_tune import run_fine_tune
+from kfp_finetune.config.types import TorchTuneConfig
 run_fine_tune(sys.argv[1], {RUNTIME!r}, {CONFIG_SRC})
 """
 # The export step, made to stop after writing half of the first weight file: a marker file
@@ -86,7 +86,7 @@ def half_then_hang(src, dst, *args, **kwargs):
         time.sleep(600)
     return real_copy(src, dst, *args, **kwargs)
 shutil.copy2 = half_then_hang
-from kfp_finetune.export import export_model
+from kfp_finetune.steps.export_model import export_model
 export_model(sys.argv[1], {RUNTIME!r}, {NAME!r}, {RUN_ID!r})
 """
 

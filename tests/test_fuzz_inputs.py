@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kfp_finetune.credentials import redact
+from kfp_finetune.config.overrides import OWNED, check_overrides
+from kfp_finetune.config.types import TorchTuneInstructDataset, check_column_map, check_split_syntax
 from kfp_finetune.errors import ConfigError, SourceError
-from kfp_finetune.overrides import OWNED, check_overrides
-from kfp_finetune.types import TorchTuneInstructDataset, check_column_map, check_split_syntax
-from kfp_finetune.uris import parse_storage_uri
+from kfp_finetune.storage.credentials import redact
+from kfp_finetune.storage.uris import parse_storage_uri
 
 BOUNDED = settings(max_examples=300, deadline=500,
                    suppress_health_check=[HealthCheck.too_slow])
@@ -158,7 +158,7 @@ def test_any_lora_parameters_build_a_config_or_are_refused(
     method: object, rank: object, alpha: object, dropout: object, modules: object,
     mlp: object,
 ) -> None:
-    from kfp_finetune.params import lora_from_params
+    from kfp_finetune.config.params import lora_from_params
 
     try:
         lora_from_params(method, rank, alpha, dropout, modules, mlp)  # type: ignore[arg-type]

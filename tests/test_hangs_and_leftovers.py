@@ -21,11 +21,11 @@ from pathlib import Path
 import faultkit
 import pytest
 
-from kfp_finetune.cli import main
+from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
+from kfp_finetune.drivers.cli import main
 from kfp_finetune.errors import SourceError
-from kfp_finetune.steps import initialize_dataset, initialize_model
-from kfp_finetune.types import TorchTuneConfig, TorchTuneInstructDataset
-from kfp_finetune.workspace import workspace_lock
+from kfp_finetune.steps.initializers import initialize_dataset, initialize_model
+from kfp_finetune.storage.workspace import workspace_lock
 
 TIMEOUT_S = 1  # KFP_FINETUNE_NETWORK_TIMEOUT_S in these tests
 LIMIT_S = 15  # what each bounded call may take at most, retries included (load margin)
@@ -223,7 +223,7 @@ def test_kill_9_of_the_cli_takes_its_tasks_down_and_frees_the_workspace(
         pass
     # The killed run's scratch folder is left; the next local run (any workspace) sweeps it.
     assert [p.name for p in scratch_parent.iterdir()]
-    from kfp_finetune.local import task_scope
+    from kfp_finetune.drivers.local import task_scope
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("tempfile.tempdir", str(scratch_parent))
@@ -250,7 +250,7 @@ def test_task_commands_exec_the_executor_so_it_keeps_the_parent_death_signal() -
     # line `_KFP_RUNTIME=true python3 -m kfp.dsl.executor_main ...`; dash does not exec the
     # last command of `sh -c` by itself.
     from kfp_finetune.components.dataset_initializer import dataset_initializer
-    from kfp_finetune.local import _exec_executor
+    from kfp_finetune.drivers.local import _exec_executor
 
     command = list(dataset_initializer.component_spec.implementation.container.command)
     rewritten = _exec_executor(command)
@@ -264,7 +264,7 @@ def test_concurrent_runs_never_sweep_each_others_scratch_folder(
 ) -> None:
     # Two runs sharing one TMPDIR (the secrets scan runs two at once): each sweep removes only
     # folders whose owner is gone, and a folder is locked before it carries the swept prefix.
-    from kfp_finetune.local import task_scope
+    from kfp_finetune.drivers.local import task_scope
 
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     with task_scope() as first, task_scope() as second:

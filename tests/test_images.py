@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kfp_finetune import images
+from kfp_finetune.config import images
 from kfp_finetune.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +138,8 @@ def test_bad_tag_is_refused(tag):
 
 def test_bad_registry_in_the_environment_fails_the_compile_at_once(tmp_path):
     env = {**os.environ, "KFP_FINETUNE_REGISTRY": "https://registry.example.com"}
-    out = subprocess.run([sys.executable, "-m", "kfp_finetune.cli", "compile", "--output-dir",
+    out = subprocess.run([sys.executable, "-m", "kfp_finetune.drivers.cli", "compile",
+                          "--output-dir",
                           str(tmp_path), "--runtime", "torchtune-llama3.2-tiny"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 2
@@ -148,7 +149,7 @@ def test_bad_registry_in_the_environment_fails_the_compile_at_once(tmp_path):
 
 
 def test_compile_refuses_to_write_other_images_into_the_repository_compiled(monkeypatch):
-    from kfp_finetune.compile import REPO_COMPILED, compile_all
+    from kfp_finetune.drivers.compile import REPO_COMPILED, compile_all
 
     before = {p.name: p.read_bytes() for p in REPO_COMPILED.glob("*.yaml")}
     monkeypatch.setenv("KFP_FINETUNE_REGISTRY", "registry.example.com/ml")

@@ -16,12 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
+from kfp_finetune.drivers.fixtures import alpaca_rows
 from kfp_finetune.errors import ModelError, SourceError
-from kfp_finetune.fixtures import alpaca_rows
-from kfp_finetune.steps import initialize_dataset, initialize_model
-from kfp_finetune.storage import RetryPolicy
-from kfp_finetune.types import TorchTuneConfig, TorchTuneInstructDataset
-from kfp_finetune.workspace import read_manifest
+from kfp_finetune.steps.initializers import initialize_dataset, initialize_model
+from kfp_finetune.storage.fetch import RetryPolicy
+from kfp_finetune.storage.workspace import read_manifest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_server import HubServer  # noqa: E402
@@ -267,8 +267,8 @@ def test_killed_process_mid_file_then_rerun(tmp_path: Path, hub: HubServer) -> N
     release = hub.stall(f"data/{PARQUET}", after=4096)
     hub.stalled.clear()
     script = textwrap.dedent(f"""
-        from kfp_finetune.steps import initialize_dataset
-        from kfp_finetune.types import TorchTuneInstructDataset
+        from kfp_finetune.steps.initializers import initialize_dataset
+        from kfp_finetune.config.types import TorchTuneInstructDataset
         initialize_dataset({str(tmp_path)!r}, "hf://org/big/data", TorchTuneInstructDataset())
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ),

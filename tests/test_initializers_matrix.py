@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.errors import ConfigError, DatasetError, ModelError, SourceError
-from kfp_finetune.steps import initialize_dataset, initialize_model
-from kfp_finetune.types import TorchTuneConfig, TorchTuneInstructDataset
+from kfp_finetune.steps.initializers import initialize_dataset, initialize_model
 
 
 def _quiet(_: str) -> None:

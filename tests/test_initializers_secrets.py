@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from kfp_finetune import credentials
 from kfp_finetune.errors import ConfigError, SourceError
+from kfp_finetune.storage import credentials
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_server import HubServer  # noqa: E402
@@ -82,8 +82,8 @@ def test_token_never_appears_in_logs_outputs_metadata_or_files(
 
 def test_wrong_token_is_not_echoed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    caplog: pytest.LogCaptureFixture) -> None:
-    from kfp_finetune.steps import initialize_dataset
-    from kfp_finetune.types import TorchTuneInstructDataset
+    from kfp_finetune.config.types import TorchTuneInstructDataset
+    from kfp_finetune.steps.initializers import initialize_dataset
 
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("HF_TOKEN", WRONG)
@@ -99,7 +99,7 @@ def test_wrong_token_is_not_echoed(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_compiled_yaml_holds_no_token(tmp_path: Path) -> None:
-    from kfp_finetune.compile import compile_runtime
+    from kfp_finetune.drivers.compile import compile_runtime
 
     path = compile_runtime("torchtune-llama3.2-tiny", tmp_path)
     text = path.read_text()

@@ -6,7 +6,7 @@ import re
 import pytest
 from safetensors import safe_open
 
-from kfp_finetune.cli import main
+from kfp_finetune.drivers.cli import main
 
 
 def run_args(tiny, ws, *extra):
@@ -43,7 +43,7 @@ def test_local_pipeline_leaves_a_hugging_face_checkpoint(tiny, tmp_path, capsys)
     # The full torchtune config is kept beside the checkpoint; the tokenize-dataset task's
     # store fed the recipe (no tokenizing in the fine-tune step).
     used = (ws / "output" / "checkpoints" / "torchtune_config.yaml").read_text()
-    assert "kfp_finetune.packed_data.pretokenized_dataset" in used
+    assert "kfp_finetune.plugins.packed_data.pretokenized_dataset" in used
     # kfp.local writes the chart as an artifact without extension; the run copies it to
     # loss_curve.html beside it and the task's metrics (executor_output.json) and prints where.
     curve = next((ws / ".kfp-local-outputs").rglob("loss_curve.html"))

@@ -7,8 +7,8 @@ import json
 import re
 from pathlib import Path
 
-from kfp_finetune.export_metadata import adapter_base
-from kfp_finetune.model_card import (
+from kfp_finetune.steps.export_metadata import adapter_base
+from kfp_finetune.steps.model_card import (
     carry_chat_template,
     front_matter,
     has_chat_template,
@@ -17,7 +17,7 @@ from kfp_finetune.model_card import (
     read_front_matter,
     render_card,
 )
-from kfp_finetune.report import loss_curve_html, nice_ticks
+from kfp_finetune.steps.report import loss_curve_html, nice_ticks
 
 META = {
     "base_model": "hf://meta-llama/Llama-3.2-1B-Instruct@main",
@@ -81,7 +81,7 @@ def test_card_lists_hyperparameters_prompt_format_and_a_chat_snippet(tmp_path):
 
 def test_prompt_format_follows_the_dataset_builder():
     alpaca, example = prompt_format({"dataset": {
-        "_component_": "kfp_finetune.datasets.alpaca_instruct_dataset"}})
+        "_component_": "kfp_finetune.plugins.datasets.alpaca_instruct_dataset"}})
     assert "**alpaca**" in alpaca and example.endswith("### Response:\n")
     instruct, example = prompt_format({"dataset": {
         "_component_": "torchtune.datasets.instruct_dataset"}})

@@ -2,10 +2,10 @@
 
 import pytest
 
+from kfp_finetune.config.params import config_from_params, lora_from_params, switch
 from kfp_finetune.errors import ConfigError
-from kfp_finetune.params import config_from_params, lora_from_params, switch
-from kfp_finetune.report import loss_curve_html
-from kfp_finetune.training_log import summarize
+from kfp_finetune.steps.report import loss_curve_html
+from kfp_finetune.steps.training_log import summarize
 
 BASE = dict(dtype="bf16", batch_size=2, epochs=1, loss="", num_nodes=1, gpus_per_node=1,
             source="parquet", split="train", train_on_input=False, new_system_prompt="",

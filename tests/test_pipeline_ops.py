@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from kfp_finetune.compile import compile_runtime
-from kfp_finetune.credentials import S3_SECRET_KEYS
+from kfp_finetune.config.runtimes import RUNTIMES
+from kfp_finetune.drivers.compile import compile_runtime
 from kfp_finetune.pipelines.finetune.cluster import (
     CHECK_TIMEOUT_S,
     CPU_TASK_CPU_REQUEST,
@@ -16,7 +16,7 @@ from kfp_finetune.pipelines.finetune.cluster import (
     TOKENIZE_CPU_REQUEST,
     ops_defaults,
 )
-from kfp_finetune.runtimes import RUNTIMES
+from kfp_finetune.storage.credentials import S3_SECRET_KEYS
 
 TASKS = {  # task name in the DAG -> display name
     "check-config": "check-config",
@@ -325,8 +325,8 @@ def test_check_config_gives_a_cpu_run_no_accelerator_limit():
     ({"run_id": "{{$.pipeline_job_uuid}}"}, "cannot name a volume.*upgrade the backend"),
 ])
 def test_check_config_refuses_bad_operations_parameters(change, message):
-    from kfp_finetune.cluster_ops import check_cluster_settings
     from kfp_finetune.errors import ConfigError
+    from kfp_finetune.steps.check_config import check_cluster_settings
 
     with pytest.raises(ConfigError, match=message):
         check_cluster_settings(**{**CHECK_ARGS, **change})
@@ -337,6 +337,6 @@ def test_check_config_refuses_bad_operations_parameters(change, message):
     ("64Mi", 64 * 2**20), (".5", 0.5),
 ])
 def test_kubernetes_quantities(text, value):
-    from kfp_finetune.cluster_ops import parse_quantity
+    from kfp_finetune.steps.check_config import parse_quantity
 
     assert float(parse_quantity(text, "x", "1")) == pytest.approx(value)

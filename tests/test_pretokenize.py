@@ -17,20 +17,20 @@ from torchtune import config as tt_config
 from torchtune.data import padded_collate_packed, padded_collate_sft
 from torchtune.datasets import PackedDataset
 
+from kfp_finetune.config.runtimes import get_runtime
+from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.errors import DatasetError
-from kfp_finetune.finetune import prepare_training, run_fine_tune
-from kfp_finetune.pretokenize import (
+from kfp_finetune.steps.fine_tune import prepare_training, run_fine_tune
+from kfp_finetune.steps.initializers import initialize_dataset, initialize_model
+from kfp_finetune.steps.token_store import TokenStore, pack_starts
+from kfp_finetune.steps.tokenize_dataset import (
     BUILDER,
     TOKENIZED_DIR,
     pretokenized_conf,
     tokenize_dataset,
 )
-from kfp_finetune.runtimes import get_runtime
-from kfp_finetune.steps import initialize_dataset, initialize_model
-from kfp_finetune.token_store import TokenStore, pack_starts
-from kfp_finetune.tune_config import resolve
-from kfp_finetune.types import TorchTuneConfig, TorchTuneInstructDataset
-from kfp_finetune.workspace import Workspace
+from kfp_finetune.steps.tune_config import resolve
+from kfp_finetune.storage.workspace import Workspace
 
 LLAMA, QWEN = "torchtune-llama3.2-tiny", "torchtune-qwen2.5-tiny"
 

@@ -2,7 +2,7 @@
 
 No Docker or podman engine exists here: the engine is a stand-in script on PATH that records
 its arguments (and fails on request). Everything else is real: argument checks, the image
-references from kfp_finetune.images, and the compile of the pipelines against the registry.
+references from kfp_finetune.config.images, and the compile of the pipelines against the registry.
 """
 
 import hashlib
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kfp_finetune import images
+from kfp_finetune.config import images
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "publish_images.sh"

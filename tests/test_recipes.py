@@ -1,9 +1,9 @@
 import pytest
 
+from kfp_finetune.config.runtimes import RUNTIMES, get_runtime
+from kfp_finetune.config.types import LoraConfig, TorchTuneConfig
 from kfp_finetune.errors import ConfigError
-from kfp_finetune.runtimes import RUNTIMES, get_runtime
-from kfp_finetune.tune_config import base_config_path, resolve, select_recipe
-from kfp_finetune.types import LoraConfig, TorchTuneConfig
+from kfp_finetune.steps.tune_config import base_config_path, resolve, select_recipe
 
 
 def choose(runtime, gpus, peft=None):

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.errors import SourceError
-from kfp_finetune.steps import initialize_dataset, initialize_model
-from kfp_finetune.storage import RetryPolicy
-from kfp_finetune.types import TorchTuneConfig, TorchTuneInstructDataset
-from kfp_finetune.workspace import read_manifest
+from kfp_finetune.steps.initializers import initialize_dataset, initialize_model
+from kfp_finetune.storage.fetch import RetryPolicy
+from kfp_finetune.storage.workspace import read_manifest
 
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")

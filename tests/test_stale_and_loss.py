@@ -23,16 +23,16 @@ from kfp_finetune import (
     Initializer,
     train,
 )
-from kfp_finetune.cli import main as cli_main
-from kfp_finetune.client.local_backend import LocalBackend, LocalBackendConfig
-from kfp_finetune.completion import planned_steps
+from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
+from kfp_finetune.drivers.cli import main as cli_main
+from kfp_finetune.drivers.client.local_backend import LocalBackend, LocalBackendConfig
 from kfp_finetune.errors import TrainingError, WorkspaceError
-from kfp_finetune.export import export_model
-from kfp_finetune.finetune import run_fine_tune
-from kfp_finetune.ownership import WORKSPACE_MARKER, owned, remove_owned
-from kfp_finetune.steps import initialize_dataset, initialize_model
-from kfp_finetune.types import TorchTuneConfig, TorchTuneInstructDataset
-from kfp_finetune.workspace import MANIFEST, Workspace, install, read_manifest
+from kfp_finetune.steps.completion import planned_steps
+from kfp_finetune.steps.export_model import export_model
+from kfp_finetune.steps.fine_tune import run_fine_tune
+from kfp_finetune.steps.initializers import initialize_dataset, initialize_model
+from kfp_finetune.storage.ownership import WORKSPACE_MARKER, owned, remove_owned
+from kfp_finetune.storage.workspace import MANIFEST, Workspace, install, read_manifest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from faultkit import file_digests, max_abs_diff  # noqa: E402

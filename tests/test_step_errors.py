@@ -20,19 +20,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from kfp_finetune.api import BuiltinTrainer, train
-from kfp_finetune.cli import main
-from kfp_finetune.errors import DatasetError, ModelError, TrainingError
-from kfp_finetune.gpus import check_gpus_visible
-from kfp_finetune.step_errors import PREFIX, error_line, one_line, step_error
-from kfp_finetune.types import (
+from kfp_finetune.config.types import (
     HuggingFaceDatasetInitializer,
     HuggingFaceModelInitializer,
     Initializer,
     TorchTuneConfig,
     TorchTuneInstructDataset,
 )
-from kfp_finetune.workspace import Workspace
+from kfp_finetune.drivers.api import BuiltinTrainer, train
+from kfp_finetune.drivers.cli import main
+from kfp_finetune.errors import DatasetError, ModelError, TrainingError
+from kfp_finetune.steps.gpus import check_gpus_visible
+from kfp_finetune.steps.step_errors import PREFIX, error_line, one_line, step_error
+from kfp_finetune.storage.workspace import Workspace
 
 TINY = "torchtune-llama3.2-tiny"
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -44,7 +44,7 @@ def _step(ws: Path, raising: str, kfp_runtime: bool = True) -> subprocess.Comple
     sets for every Python component."""
     code = textwrap.dedent(f"""
         from kfp_finetune.errors import DatasetError, WorkspaceError
-        from kfp_finetune.step_errors import step_errors
+        from kfp_finetune.steps.step_errors import step_errors
         print("[dataset] working", flush=True)
         with step_errors("dataset-initializer", {str(ws)!r}):
             raise {raising}

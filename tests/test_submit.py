@@ -9,8 +9,8 @@ import pytest
 import yaml
 from kfp_api_server import FakeKfpApi
 
-from kfp_finetune.cli import main
-from kfp_finetune.submit import normalize_cron
+from kfp_finetune.drivers.cli import main
+from kfp_finetune.drivers.submit import normalize_cron
 
 RUNTIME = "torchtune-llama3.2-1b"
 PIPELINE = "kfp-finetune-torchtune-llama3-2-1b"

@@ -36,7 +36,7 @@ from kubeflow.trainer.constants import constants
 from kubernetes.client import Configuration
 
 from kfp_finetune import ConfigError, KfpBackendConfig, TrainerClient, get_runtime
-from kfp_finetune.client import TrainJobFailed
+from kfp_finetune.drivers.client import TrainJobFailed
 
 NS = "team-a"
 SENTINEL = "hf_SENTINELtoken0123456789abcdef"
@@ -187,7 +187,7 @@ def test_wait_raises_the_failed_steps_own_error_line(cluster):
     run_id = run_of(kfp_api, name)["run_id"]
     kfp_api.set_run(run_id, "FAILED", {"dataset-initializer": "FAILED"},
                     error="Inner task failed")
-    # What a step ending on our error leaves in its pod's log (kfp_finetune.step_errors),
+    # What a step ending on our error leaves in its pod's log (kfp_finetune.steps.step_errors),
     # then the KFP launcher's own line (backend/src/v2/cmd/launcher-v2/main.go).
     add_step_pod(k8s_api, run_id, "dataset-initializer", phase="Failed", lines=[
         "[dataset] reading 2 files",

@@ -18,7 +18,7 @@ from kubeflow.trainer import *  # noqa: F403 - the seed guide's own import
 from kubeflow.trainer.constants import constants
 
 from kfp_finetune import LocalBackendConfig, TrainerClient  # the one changed import
-from kfp_finetune.client import TrainJobFailed
+from kfp_finetune.drivers.client import TrainJobFailed
 
 SENTINEL = "hf_LOCALsentinel0123456789abcdef"
 

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from kfp_finetune.config.types import LoraConfig, TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.errors import ConfigError
-from kfp_finetune.finetune import run_fine_tune
-from kfp_finetune.steps import initialize_dataset, initialize_model
-from kfp_finetune.types import LoraConfig, TorchTuneConfig, TorchTuneInstructDataset
+from kfp_finetune.steps.fine_tune import run_fine_tune
+from kfp_finetune.steps.initializers import initialize_dataset, initialize_model
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +63,7 @@ def test_training_reduces_the_loss(tiny, tmp_path, family, runtime, peft):
 def test_alpaca_instruction_reaches_the_tokenized_prompt(tiny):
     from torchtune.models.llama3 import llama3_tokenizer
 
-    from kfp_finetune.datasets import alpaca_instruct_dataset
+    from kfp_finetune.plugins.datasets import alpaca_instruct_dataset
 
     tok = llama3_tokenizer(str(tiny["llama3_2"] / "original" / "tokenizer.model"),
                            special_tokens_path=str(tiny["llama3_2"] / "tokenizer.json"))
@@ -162,8 +162,8 @@ def test_finished_run_is_not_trained_again(tiny, tmp_path):
 
 RUN_STEP = """
 import sys
-from kfp_finetune.finetune import run_fine_tune
-from kfp_finetune.types import TorchTuneConfig
+from kfp_finetune.steps.fine_tune import run_fine_tune
+from kfp_finetune.config.types import TorchTuneConfig
 run_fine_tune(sys.argv[1], "torchtune-llama3.2-tiny", TorchTuneConfig(epochs=2))
 """
 

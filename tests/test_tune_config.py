@@ -2,11 +2,11 @@ from pathlib import Path
 
 import pytest
 
-from kfp_finetune.dataset_plan import ALPACA_BUILDER, INSTRUCT_BUILDER, DatasetPlan
-from kfp_finetune.model_check import ModelInfo
-from kfp_finetune.runtimes import get_runtime
-from kfp_finetune.tune_config import render_config, resolve
-from kfp_finetune.types import FIXED_KEYS, LoraConfig, TorchTuneConfig
+from kfp_finetune.config.runtimes import get_runtime
+from kfp_finetune.config.types import FIXED_KEYS, LoraConfig, TorchTuneConfig
+from kfp_finetune.steps.dataset_plan import ALPACA_BUILDER, INSTRUCT_BUILDER, DatasetPlan
+from kfp_finetune.steps.model_check import ModelInfo
+from kfp_finetune.steps.tune_config import render_config, resolve
 
 MODEL = Path("/workspace/model")
 OUT = Path("/workspace/output/checkpoints")
@@ -50,7 +50,7 @@ def test_fixed_keys_point_at_the_workspace():
 
 
 def test_training_fields_use_torchtune_values():
-    from kfp_finetune.types import DataType, Loss
+    from kfp_finetune.config.types import DataType, Loss
 
     cfg = TorchTuneConfig(dtype=DataType.FP32, batch_size=7, epochs=3,
                           loss=Loss.CEWithChunkedOutputLoss, resources_per_node={"gpu": 1})
@@ -73,7 +73,7 @@ def test_checkpoint_shards_are_listed_in_order():
 def test_alpaca_data_keeps_the_instruction_column():
     _, conf = render("torchtune-llama3.2-1b", dataset=plan(new_system_prompt="Be brief."))
     ds = conf["dataset"]
-    assert ds["_component_"] == "kfp_finetune.datasets.alpaca_instruct_dataset"
+    assert ds["_component_"] == "kfp_finetune.plugins.datasets.alpaca_instruct_dataset"
     assert ds["source"] == "parquet" and ds["split"] == "train[:95%]"
     assert ds["data_files"] == ["/workspace/dataset/data/a.parquet"]
     assert ds["new_system_prompt"] == "Be brief."
@@ -94,8 +94,9 @@ def test_two_column_data_uses_instruct_dataset_with_column_map():
 
 def test_tiny_runtime_builds_from_config_json_on_cpu():
     choice, conf = render("torchtune-llama3.2-tiny")
-    assert conf["model"] == {"_component_": "kfp_finetune.hf_models.llama3_2_from_hf_config",
-                             "checkpoint_dir": str(MODEL)}
+    assert conf["model"] == {
+        "_component_": "kfp_finetune.plugins.hf_models.llama3_2_from_hf_config",
+        "checkpoint_dir": str(MODEL)}
     assert choice.device == "cpu" and conf["device"] == "cpu"
     assert conf["dtype"] == "fp32"
     assert conf["optimizer"] == {"_component_": "torch.optim.AdamW", "lr": 3e-3, "fused": True}
@@ -181,7 +182,7 @@ def test_cpu_runs_ignore_the_card_rules():
 
 
 def test_readme_runtime_table_states_each_memory_threshold():
-    from kfp_finetune.runtimes import RUNTIMES
+    from kfp_finetune.config.runtimes import RUNTIMES
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme.split("## Runtimes", 1)[1].split("\n## ", 1)[0]
@@ -204,7 +205,7 @@ def test_lora_warmup_is_capped_by_the_steps_packing_leaves(training_steps, warmu
     _, conf = render("torchtune-llama3.2-1b", TorchTuneConfig(peft_config=LoraConfig()),
                      memory=H100)
     assert conf["lr_scheduler"] == {
-        "_component_": "kfp_finetune.lr_schedules.cosine_with_capped_warmup",
+        "_component_": "kfp_finetune.plugins.lr_schedules.cosine_with_capped_warmup",
         "num_warmup_steps": 100, "max_warmup_fraction": 0.1}
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([param], lr=1.0)
@@ -225,7 +226,7 @@ def test_full_configs_keep_their_constant_learning_rate():
 
 
 def test_card_memory_comes_from_nvidia_smi(tmp_path, monkeypatch):
-    from kfp_finetune.gpu_defaults import detect_gpu_memory_gib
+    from kfp_finetune.steps.gpu_defaults import detect_gpu_memory_gib
 
     monkeypatch.setenv("PATH", str(tmp_path))
     assert detect_gpu_memory_gib() is None  # no nvidia-smi: unknown, the config's values stay

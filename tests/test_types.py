@@ -1,6 +1,6 @@
 import pytest
 
-from kfp_finetune import types as t
+from kfp_finetune.config import types as t
 from kfp_finetune.errors import ConfigError
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kfp_finetune.errors import SourceError
-from kfp_finetune.uris import parse_storage_uri
+from kfp_finetune.storage.uris import parse_storage_uri
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-from kfp_finetune.workspace import Workspace, install, read_manifest, staged
+from kfp_finetune.storage.workspace import Workspace, install, read_manifest, staged
 
 
 def test_staging_removes_leftovers_of_a_killed_attempt_only(tmp_path):

@@ -15,7 +15,7 @@ from kfp import dsl
 
 from kfp_finetune.components.cleanup_workspace import cleanup_workspace
 from kfp_finetune.errors import ConfigError, WorkspaceError
-from kfp_finetune.workspace_cleanup import (
+from kfp_finetune.steps.cleanup_workspace import (
     KubeApi,
     clean_up_workspace,
     decide_cleanup,

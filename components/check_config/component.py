@@ -1,14 +1,15 @@
 """check-config: the first task of a cluster run; checks the operations parameters on CPU.
 
 It hands the fine-tune task's resources and CreatePVC's name and annotations on as validated
-strings (the KFP backend reads resource placeholders as strings; see kfp_finetune.cluster_ops).
+strings (the KFP backend reads resource placeholders as strings; see
+kfp_finetune.steps.check_config).
 """
 
 from typing import NamedTuple
 
 from kfp import dsl
 
-from kfp_finetune.images import CPU_IMAGE
+from kfp_finetune.config.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -53,10 +54,10 @@ def check_config(
         Accelerator type and limit ("" and "" on CPU), CPU and memory requests, the volume's
         name and annotations.
     """
-    from kfp_finetune.step_errors import step_errors
+    from kfp_finetune.steps.step_errors import step_errors
 
     with step_errors("check-config", None):
-        from kfp_finetune.cluster_ops import check_cluster_settings
+        from kfp_finetune.steps.check_config import check_cluster_settings
 
         s = check_cluster_settings(
             gpus_per_node=gpus_per_node, accelerator_type=accelerator_type, cpu_request=cpu_request,

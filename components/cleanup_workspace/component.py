@@ -1,12 +1,12 @@
 """cleanup-workspace: the exit task of a cluster run; deletes or keeps the run's volume.
 
 It runs whatever the outcome (dsl.ExitHandler) and decides from the run's final state; see
-kfp_finetune.workspace_cleanup for the rules.
+kfp_finetune.steps.cleanup_workspace for the rules.
 """
 
 from kfp import dsl
 
-from kfp_finetune.images import CPU_IMAGE
+from kfp_finetune.config.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -29,10 +29,10 @@ def cleanup_workspace(
     Returns:
         deleted, kept or absent.
     """
-    from kfp_finetune.step_errors import step_errors
+    from kfp_finetune.steps.step_errors import step_errors
 
     with step_errors("cleanup-workspace", None):
-        from kfp_finetune.workspace_cleanup import clean_up_workspace
+        from kfp_finetune.steps.cleanup_workspace import clean_up_workspace
 
         return clean_up_workspace(
             status.state, run_id, keep_workspace_on_failure=keep_workspace_on_failure,

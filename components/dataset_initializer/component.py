@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from kfp_finetune.images import CPU_IMAGE
+from kfp_finetune.config.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -58,12 +58,12 @@ def dataset_initializer(
         files, bytes, seconds: what was fetched; revision: the commit or version fetched;
         skipped: True when a complete copy was already in the workspace.
     """
-    from kfp_finetune.step_errors import step_errors
+    from kfp_finetune.steps.step_errors import step_errors
 
     with step_errors("dataset-initializer", workspace_path):
-        from kfp_finetune.params import config_from_params
-        from kfp_finetune.runtimes import get_runtime
-        from kfp_finetune.steps import initialize_dataset
+        from kfp_finetune.config.params import config_from_params
+        from kfp_finetune.config.runtimes import get_runtime
+        from kfp_finetune.steps.initializers import initialize_dataset
 
         get_runtime(runtime)
         config = config_from_params(

@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from kfp_finetune.images import CPU_IMAGE
+from kfp_finetune.config.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -37,13 +37,13 @@ def export_model(
     Returns:
         path: folder of the exported model; exported_elsewhere: a copy exists off the volume.
     """
-    from kfp_finetune.step_errors import step_errors
+    from kfp_finetune.steps.step_errors import step_errors
 
     with step_errors("export", workspace_path):
         import json
         import shutil
 
-        from kfp_finetune.export import export_model as export
+        from kfp_finetune.steps.export_model import export_model as export
 
         result = export(workspace_path, runtime, export_name, run_id, push_to)
         meta = {k: v for k, v in result.metadata.items() if k != "files" and v is not None}
@@ -58,7 +58,7 @@ def export_model(
         meta["weights_in_artifact"] = copy_to_artifact
         model.metadata.update(meta)
         if not result.exported_elsewhere:
-            from kfp_finetune.workspace_cleanup import mark_exported
+            from kfp_finetune.steps.cleanup_workspace import mark_exported
 
             mark_exported(run_id, result.path)  # the exit task keeps a volume holding the model
         return (result.path, result.exported_elsewhere)

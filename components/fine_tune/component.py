@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from kfp_finetune.images import TRAINER_IMAGE
+from kfp_finetune.config.images import TRAINER_IMAGE
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -82,12 +82,12 @@ def fine_tune(
     Returns:
         final_loss, steps and the checkpoint folder.
     """
-    from kfp_finetune.step_errors import step_errors
+    from kfp_finetune.steps.step_errors import step_errors
 
     with step_errors("fine-tune", workspace_path):
-        from kfp_finetune.finetune import run_fine_tune
-        from kfp_finetune.params import config_from_params
-        from kfp_finetune.report import loss_curve_html
+        from kfp_finetune.config.params import config_from_params
+        from kfp_finetune.steps.fine_tune import run_fine_tune
+        from kfp_finetune.steps.report import loss_curve_html
 
         config = config_from_params(
             dtype=dtype, batch_size=batch_size, epochs=epochs, loss=loss, num_nodes=num_nodes,

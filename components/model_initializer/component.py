@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from kfp_finetune.images import CPU_IMAGE
+from kfp_finetune.config.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -93,11 +93,11 @@ def model_initializer(
         files, bytes, seconds: what was fetched; revision: the commit or version fetched;
         skipped: True when a complete copy was already in the workspace.
     """
-    from kfp_finetune.step_errors import step_errors
+    from kfp_finetune.steps.step_errors import step_errors
 
     with step_errors("model-initializer", workspace_path):
-        from kfp_finetune.params import config_from_params
-        from kfp_finetune.steps import initialize_model
+        from kfp_finetune.config.params import config_from_params
+        from kfp_finetune.steps.initializers import initialize_model
 
         config = config_from_params(
             dtype=dtype, batch_size=batch_size, epochs=epochs, loss=loss, num_nodes=num_nodes,

@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from kfp_finetune.images import CPU_IMAGE
+from kfp_finetune.config.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -88,11 +88,11 @@ def tokenize_dataset(
         rows, packs, rows_truncated, tokens_lost, seconds, and skipped (True when the store
         for this config was already complete, or the config cannot be pre-tokenized).
     """
-    from kfp_finetune.step_errors import step_errors
+    from kfp_finetune.steps.step_errors import step_errors
 
     with step_errors("tokenize-dataset", workspace_path):
-        from kfp_finetune.params import config_from_params
-        from kfp_finetune.pretokenize import tokenize_dataset as run_tokenize
+        from kfp_finetune.config.params import config_from_params
+        from kfp_finetune.steps.tokenize_dataset import tokenize_dataset as run_tokenize
 
         config = config_from_params(
             dtype=dtype, batch_size=batch_size, epochs=epochs, loss=loss, num_nodes=num_nodes,

@@ -9,13 +9,13 @@ from typing import Any
 
 from kfp import dsl, kubernetes
 
-from kfp_finetune.cluster_ops import GPU_RESOURCE
 from kfp_finetune.components.check_config import check_config
 from kfp_finetune.components.cleanup_workspace import cleanup_workspace
 from kfp_finetune.components.create_workspace import create_workspace
-from kfp_finetune.credentials import HF_TOKEN_ENV, S3_SECRET_KEYS
-from kfp_finetune.runtimes import Runtime
-from kfp_finetune.workspace import WORKSPACE_MOUNT
+from kfp_finetune.config.runtimes import Runtime
+from kfp_finetune.steps.check_config import GPU_RESOURCE
+from kfp_finetune.storage.credentials import HF_TOKEN_ENV, S3_SECRET_KEYS
+from kfp_finetune.storage.workspace import WORKSPACE_MOUNT
 
 # GPU node pools are commonly tainted with the GPU resource name; tolerating it is harmless
 # where they are not (a GPU limit alone adds no toleration). Added as a fixed toleration on the

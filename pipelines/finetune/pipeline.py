@@ -16,12 +16,12 @@ Operations (cluster only, see ``cluster.py``: ``cluster_prelude``, ``apply_clust
 check-config refuses bad operations parameters on CPU and hands on validated strings; one new
 PVC per run, named ``kfp-finetune-<run id>`` and annotated with the pipeline, run id and run
 name; the exit task deletes it after a failure (unless ``keep_workspace_on_failure``) and after
-a success only with ``delete_workspace`` and ``push_to`` (see kfp_finetune.workspace_cleanup);
+a success only with ``delete_workspace`` and ``push_to`` (see kfp_finetune.steps.cleanup_workspace);
 caching off on every task (they all write to the per-run volume or push elsewhere); the
 fine-tune task gets the accelerator type and count and its CPU and memory requests from
 check-config's string outputs, node selector and tolerations (JSON parameters), an in-memory
 /dev/shm and a timeout; the initializers, fine-tune and export retry. The KFP backend this
-needs is ``kfp_finetune.backend.MIN_BACKEND`` or newer.
+needs is ``kfp_finetune.drivers.backend.MIN_BACKEND`` or newer.
 """
 
 
@@ -30,13 +30,13 @@ from typing import Any
 
 from kfp import dsl
 
-from kfp_finetune.cluster_ops import GPU_RESOURCE
 from kfp_finetune.components.dataset_initializer import dataset_initializer
 from kfp_finetune.components.export_model import export_model
 from kfp_finetune.components.fine_tune import fine_tune
 from kfp_finetune.components.model_initializer import model_initializer
 from kfp_finetune.components.tokenize_dataset import tokenize_dataset
-from kfp_finetune.credentials import DEFAULT_HF_SECRET, DEFAULT_S3_SECRET
+from kfp_finetune.config.runtimes import Runtime, get_runtime
+from kfp_finetune.config.types import Loss
 from kfp_finetune.pipelines.finetune.cluster import (
     ClusterParams,
     Tasks,
@@ -44,9 +44,9 @@ from kfp_finetune.pipelines.finetune.cluster import (
     cluster_prelude,
     ops_defaults,
 )
-from kfp_finetune.runtimes import Runtime, get_runtime
-from kfp_finetune.types import Loss
-from kfp_finetune.workspace import WORKSPACE_MOUNT
+from kfp_finetune.steps.check_config import GPU_RESOURCE
+from kfp_finetune.storage.credentials import DEFAULT_HF_SECRET, DEFAULT_S3_SECRET
+from kfp_finetune.storage.workspace import WORKSPACE_MOUNT
 
 DEFAULT_DATASET_URI = "hf://tatsu-lab/alpaca/data"
 

@@ -5,17 +5,8 @@ The names mirror the Kubeflow Trainer SDK (``TorchTuneConfig``, ``TorchTuneInstr
 are imported only when a function that needs them runs.
 """
 
-from kfp_finetune.errors import (
-    ConfigError,
-    DatasetError,
-    KfpFinetuneError,
-    ModelError,
-    SourceError,
-    TrainingError,
-    WorkspaceError,
-)
-from kfp_finetune.runtimes import RUNTIMES, Runtime, get_runtime
-from kfp_finetune.types import (
+from kfp_finetune.config.runtimes import RUNTIMES, Runtime, get_runtime
+from kfp_finetune.config.types import (
     DataFormat,
     DataType,
     HuggingFaceDatasetInitializer,
@@ -25,6 +16,15 @@ from kfp_finetune.types import (
     Loss,
     TorchTuneConfig,
     TorchTuneInstructDataset,
+)
+from kfp_finetune.errors import (
+    ConfigError,
+    DatasetError,
+    KfpFinetuneError,
+    ModelError,
+    SourceError,
+    TrainingError,
+    WorkspaceError,
 )
 
 __version__ = "0.1.0"
@@ -60,12 +60,12 @@ __all__ = [
 def __getattr__(name: str):
     # train() and BuiltinTrainer pull in kfp; import them only when asked for.
     if name in ("train", "BuiltinTrainer"):
-        from kfp_finetune import api
+        from kfp_finetune.drivers import api
 
         return getattr(api, name)
     # The SDK-compatible client pulls in kubeflow, kfp and kubernetes: likewise on demand.
     if name in ("TrainerClient", "KfpBackendConfig", "LocalBackendConfig"):
-        from kfp_finetune import client
+        from kfp_finetune.drivers import client
 
         return getattr(client, name)
     raise AttributeError(f"module 'kfp_finetune' has no attribute {name!r}")

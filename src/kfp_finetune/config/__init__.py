@@ -1,0 +1,1 @@
+"""User configuration: the Kubeflow SDK's types, our extension of them, runtimes, parameters."""

@@ -1,0 +1,1 @@
+"""How a run is started: the Python API, the CLI, kfp.local, submit, compile, the client."""

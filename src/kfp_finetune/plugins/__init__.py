@@ -1,0 +1,1 @@
+"""torchtune plug-ins, named by dotted path in the rendered torchtune configs."""

@@ -1,0 +1,395 @@
+"""The fine-tune step: render the torchtune config, run ``tune run``, resume after a lost pod.
+
+A GPU hour must never be wasted:
+
+* a re-run of a finished run (same inputs: rendered config, and the content of every dataset
+  and model file) does not train again, provided its checkpoint is still whole on the volume;
+* a retry after a lost pod resumes from the last epoch checkpoint and recipe state on the
+  volume (``resume_from_checkpoint``) instead of starting over;
+* anything else on the volume (other inputs, a checkpoint that does not load) is cleared and
+  training starts from the base model; a folder there that kfp-finetune did not write is
+  refused, never deleted;
+* a config that would take no optimizer step on the data is refused before ``tune run``, and
+  a run that logged no step is never marked finished.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kfp_finetune.config.runtimes import Runtime, get_runtime
+from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
+from kfp_finetune.errors import (
+    DatasetError,
+    KfpFinetuneError,
+    ModelError,
+    TrainingError,
+    WorkspaceError,
+)
+from kfp_finetune.steps.completion import (
+    RUN_FILE,  # noqa: F401 - the name callers import from this module
+    changed_inputs,
+    check_steps,
+    checkpoint_complete,
+    checkpoint_files,
+    checkpoint_problem,
+    epoch_dirs,
+    inputs_fingerprint,
+    no_steps_message,
+    prepare_output,
+    resumable_epochs,  # noqa: F401 - public before it moved to completion.py
+)
+from kfp_finetune.steps.dataset_plan import DatasetPlan, plan_dataset
+from kfp_finetune.steps.gpu_defaults import detect_gpu_memory_gib
+from kfp_finetune.steps.gpus import check_gpus_visible
+from kfp_finetune.steps.model_check import check_model
+from kfp_finetune.steps.tokenize_dataset import pretokenized_conf
+from kfp_finetune.steps.training_log import losses, read_metric_rows, read_metrics, summarize
+from kfp_finetune.steps.tune_config import (
+    RecipeChoice,
+    ResolvedConfig,
+    config_fingerprint,
+    render_config,
+    resolve,
+)
+from kfp_finetune.storage.content import dataset_cache
+from kfp_finetune.storage.workspace import (
+    MANIFEST,
+    Workspace,
+    check_free_space,
+    free_bytes,
+    read_manifest,
+    require_complete,
+    tree_bytes,
+    workspace_lock,
+    write_json_atomic,
+)
+
+LOCK_FILE = ".kfp-finetune-fine-tune.lock"  # held while a fine-tune step works on the volume
+_SAMPLE_ROWS = 256  # rows tokenized before `tune run` when max_seq_len truncates samples
+_DISK_FULL = ("No space left on device", "Errno 28", "file write failed", "Disk quota exceeded")
+CONFIG_FILE = "torchtune_config.yaml"
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    """Result of the fine-tune step.
+
+    Attributes:
+        checkpoint_dir: The final epoch's checkpoint folder.
+        config_path: The full torchtune config that ran.
+        recipe: torchtune recipe.
+        config: torchtune base config.
+        losses: ``(step, loss)`` per logged step.
+        seconds: Wall time of ``tune run`` in this attempt.
+        skipped: True when a finished run was found and nothing was trained.
+        resumed_from_epoch: Epochs already done when this attempt started (0 = fresh start).
+        metrics: final/best loss, steps, trainable tokens/s, peak memory.
+    """
+
+    checkpoint_dir: str
+    config_path: str
+    recipe: str
+    config: str
+    losses: list[tuple[int, float]]
+    seconds: float
+    skipped: bool
+    resumed_from_epoch: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_loss(self) -> float:
+        """Loss of the last logged step (NaN when none was logged)."""
+        return self.losses[-1][1] if self.losses else float("nan")
+
+
+def prepare_training(
+    ws: Workspace, runtime: Runtime, resolved: ResolvedConfig, preprocess: TorchTuneInstructDataset
+) -> tuple[RecipeChoice, dict[str, Any]]:
+    """Check the workspace's dataset and model and render the torchtune config."""
+    choice, conf, _ = _prepare(ws, runtime, resolved, preprocess)
+    return choice, conf
+
+
+def _prepare(
+    ws: Workspace, runtime: Runtime, resolved: ResolvedConfig, preprocess: TorchTuneInstructDataset
+) -> tuple[RecipeChoice, dict[str, Any], DatasetPlan]:
+    dataset = require_complete(ws.dataset_dir, "dataset-initializer")
+    require_complete(ws.model_dir, "model-initializer")
+    info = check_model(ws.model_dir, runtime)
+    cache = dataset_cache(ws.cache_dir / "datasets", ws.dataset_dir, dataset)
+    plan = plan_dataset(ws.dataset_dir, preprocess, cache)
+    choice, conf = render_config(
+        runtime,
+        resolved,
+        model_dir=ws.model_dir,
+        model=info,
+        dataset=plan,
+        output_dir=ws.checkpoints_dir,
+        cache_dir=cache,
+    )
+    return choice, conf, plan
+
+
+def run_fine_tune(
+    workspace: str | Path,
+    runtime_name: str,
+    config: TorchTuneConfig,
+    log: Any = _print,
+) -> TrainSummary:
+    """Render the torchtune config, run ``tune run`` and stream its log.
+
+    Args:
+        workspace: Workspace root.
+        runtime_name: Runtime name.
+        config: The training config.
+        log: Where progress lines (and torchtune's log) go.
+
+    Returns:
+        Where the checkpoint is, the loss per step and the run's figures.
+
+    Raises:
+        WorkspaceError: Another fine-tune step works on this workspace (its lock is held), a
+            step's output is missing, or the volume is (or becomes) too full for the
+            checkpoints.
+        DatasetError: ``max_seq_len`` cuts every sampled row before its response.
+        TrainingError: The pod sees fewer GPUs than asked, or ``tune run`` failed or wrote
+            no complete checkpoint.
+    """
+    runtime = get_runtime(runtime_name)
+    # The GPU-memory defaults (activation checkpointing, optimizer offload) need the card.
+    resolved = resolve(runtime, config, gpu_memory_gib=detect_gpu_memory_gib())
+    check_gpus_visible(resolved.gpus)
+    ws = Workspace.at(workspace)
+    preprocess = config.dataset_preprocess_config or TorchTuneInstructDataset()
+    with workspace_lock(ws.root, "the fine-tune step", LOCK_FILE):
+        return _run_locked(ws, runtime, resolved, preprocess, log)
+
+
+def _run_locked(
+    ws: Workspace,
+    runtime: Runtime,
+    resolved: ResolvedConfig,
+    preprocess: TorchTuneInstructDataset,
+    log: Any,
+) -> TrainSummary:
+    """The fine-tune step while it holds the workspace's fine-tune lock."""
+    from omegaconf import OmegaConf
+
+    choice, conf, plan = _prepare(ws, runtime, resolved, preprocess)
+    fingerprint, inputs = inputs_fingerprint(ws, config_fingerprint(conf))
+    out = ws.checkpoints_dir
+    config_path = out / CONFIG_FILE
+    finished = _finished_run(out, fingerprint, inputs, choice, log)
+    if finished is not None:
+        return finished
+    check_steps(plan.rows, conf, choice.nproc)  # before anything on the volume is cleared
+    resume_from = prepare_output(out, fingerprint, inputs, resolved, conf, log)
+    # The fingerprint above is of torchtune's own dataset section: the store holds the very
+    # same tensors, so a run resumes whichever of the two feeds it.
+    pretokenized = pretokenized_conf(ws, conf, log)
+    if pretokenized is None:
+        check_samples_fit(conf, log)
+    else:  # the tokenize step checked every row already
+        conf["dataset"] = pretokenized
+    weights = _weight_bytes(ws, conf)
+    check_free_space(
+        out, weights * (resolved.epochs - resume_from),
+        f"the checkpoints of {resolved.epochs - resume_from} epoch(s) (at least one model-sized "
+        "checkpoint per epoch)",
+    )
+    OmegaConf.save(OmegaConf.create(conf), config_path)
+    cmd = choice.command(config_path)
+    log(f"[fine-tune] recipe {choice.recipe}, base config {choice.config}, "
+        f"{choice.nproc} process(es) on {choice.device}")
+    log(f"[fine-tune] full config: {config_path}")
+    log(f"[fine-tune] $ {' '.join(cmd)}")
+    start = time.monotonic()
+    try:
+        _stream(cmd, log)
+    except TrainingError as exc:
+        full = _disk_full(str(exc), out, weights)
+        if full is not None:
+            raise full from None
+        raise
+    seconds = time.monotonic() - start
+    epochs = epoch_dirs(out)
+    if not epochs or not checkpoint_complete(epochs[-1]):
+        raise TrainingError(
+            f"torchtune finished but wrote no complete checkpoint under {out}; see the log above."
+        )
+    final = epochs[-1]
+    rows = read_metric_rows(out / "logs")
+    if not rows and int(conf.get("log_every_n_steps") or 1) == 1:
+        # Every optimizer step is logged, so none logged means none taken: the checkpoint
+        # is the base model unchanged, never a "fine-tuned" one.
+        raise TrainingError(no_steps_message(
+            plan.rows, int(conf.get("batch_size") or 1),
+            int(conf.get("gradient_accumulation_steps") or 1), choice.nproc))
+    metrics = summarize(rows, choice.nproc)
+    metrics["wall_seconds"] = round(seconds, 3)
+    write_json_atomic(
+        out / MANIFEST,
+        {"fingerprint": fingerprint, "inputs": inputs, "final_epoch_dir": final.name,
+         "checkpoint_files": checkpoint_files(final), "recipe": choice.recipe,
+         "config": choice.config, "resolved": resolved.to_dict(), "seconds": round(seconds, 3),
+         "final_loss": metrics["final_loss"], "resumed_from_epoch": resume_from,
+         "metrics": metrics},
+    )
+    log(f"[fine-tune] done in {seconds:.1f} s; checkpoint {final}")
+    return TrainSummary(str(final), str(config_path), choice.recipe, choice.config,
+                        losses(rows), round(seconds, 3), False, resume_from, metrics)
+
+
+def _finished_run(
+    out: Path, fingerprint: str, inputs: dict[str, str], choice: RecipeChoice, log: Any
+) -> TrainSummary | None:
+    """The finished run of these inputs when it is still whole on the volume, else None."""
+    done = read_manifest(out)
+    if done is None:
+        return None
+    if done.get("fingerprint") != fingerprint:
+        log(f"[fine-tune] {out} holds a run of other inputs (changed: "
+            f"{changed_inputs(done, inputs)}); training again.")
+        return None
+    problem = checkpoint_problem(out, done)
+    if problem is not None:
+        log(f"[fine-tune] the finished run in {out} cannot be used: {problem}; training again.")
+        return None
+    log(f"[fine-tune] {out} already holds the finished run of these inputs (config, data and "
+        "model content); not training again.")
+    return TrainSummary(str(out / done["final_epoch_dir"]), str(out / CONFIG_FILE), choice.recipe,
+                        choice.config, read_metrics(out / "logs"), 0.0, True,
+                        done.get("resumed_from_epoch", 0), done.get("metrics", {}))
+
+
+def _weight_bytes(ws: Workspace, conf: dict[str, Any]) -> int:
+    """Size of the base model's weight files (one checkpoint is at least this big)."""
+    files = conf.get("checkpointer", {}).get("checkpoint_files") or []
+    return sum(tree_bytes(ws.model_dir / str(f)) for f in files)
+
+
+def _disk_full(text: str, out: Path, weights: int) -> WorkspaceError | None:
+    """A WorkspaceError when `tune run` failed because the volume filled up, else None."""
+    try:
+        available = free_bytes(out)
+    except OSError:
+        available = -1
+    if not any(marker in text for marker in _DISK_FULL) and not 0 <= available < max(weights, 1):
+        return None
+    return WorkspaceError(
+        f"the workspace volume filled up while torchtune wrote checkpoints to {str(out)!r} "
+        f"({available} bytes available; each checkpoint needs about {weights} bytes, plus the "
+        "optimizer state). Make the volume larger (pipeline parameter pvc_size; locally: "
+        "another --workspace) or lower epochs, then re-run: the unfinished run is not marked "
+        "complete and resumes or starts over."
+    )
+
+
+def check_samples_fit(conf: dict[str, Any], log: Any = _print) -> None:
+    """Tokenize the first rows as torchtune will, and refuse data that would teach nothing.
+
+    Only when ``max_seq_len`` truncates samples: a row whose prompt alone is longer than
+    ``max_seq_len`` (with ``train_on_input=False``) keeps no token in the loss. When every
+    sampled row is like that, training would run on nothing (the loss is NaN), so the step
+    stops here, before ``tune run``; when some are, it says how many.
+
+    Args:
+        conf: The rendered torchtune config.
+        log: Where the warning line goes.
+
+    Raises:
+        DatasetError: Every sampled row is cut before its response, or torchtune cannot build
+            the dataset from the config.
+        ModelError: torchtune cannot load the model's tokenizer.
+    """
+    max_seq_len = (conf.get("tokenizer") or {}).get("max_seq_len")
+    if not max_seq_len or not isinstance(conf.get("dataset"), dict):
+        return
+    from omegaconf import OmegaConf
+    from torchtune import config as tt_config
+
+    cfg = OmegaConf.create(conf)
+    dataset_cfg = OmegaConf.merge(cfg.dataset, {"packed": False})
+    try:
+        tokenizer = tt_config.instantiate(cfg.tokenizer)
+    except Exception as exc:  # noqa: BLE001 - torchtune raises many types; reported below
+        raise ModelError(
+            f"torchtune could not load the tokenizer of the model folder "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}); "
+            "re-run the model step, or check that the model's tokenizer files are complete."
+        ) from None
+    try:
+        dataset = tt_config.instantiate(dataset_cfg, tokenizer)
+        rows = min(len(dataset), _SAMPLE_ROWS)
+        empty = [i for i in range(rows)
+                 if all(label == -100 for label in list(dataset[i]["labels"])[1:])]
+    except KfpFinetuneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torchtune raises many types; reported below
+        raise DatasetError(
+            f"torchtune could not build the dataset from the rendered config "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}); "
+            "check the dataset step's output and column_map."
+        ) from None
+    if rows and len(empty) == rows:
+        raise DatasetError(
+            f"max_seq_len={max_seq_len} cuts every one of the first {rows} rows before its "
+            "response begins, so no token would count in the loss (the loss would be NaN). "
+            "Raise max_seq_len, set train_on_input=True, or shorten the prompts."
+        )
+    if empty:
+        log(f"[fine-tune] warning: max_seq_len={max_seq_len} cuts {len(empty)} of the first "
+            f"{rows} rows before their response (rows {empty[:5]}); they teach nothing.")
+
+
+def _tune_executable() -> list[str]:
+    # Run torchtune's CLI with this interpreter, so the same environment is used everywhere.
+    return [sys.executable, "-m", "torchtune._cli.tune"]
+
+
+def _die_with_parent() -> None:
+    # Linux: if this step's process is killed (a lost pod, a fault test), so is `tune run`.
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _stream(cmd: list[str], log: Any) -> None:
+    argv = _tune_executable() + cmd[1:]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    tail: deque[str] = deque(maxlen=15)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1,
+        preexec_fn=_die_with_parent,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            log(line)
+            tail.append(line)
+        code = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if code != 0:
+        raise TrainingError(
+            f"`tune run` exited with code {code}; last lines:\n" + "\n".join(tail)
+        )

@@ -1,0 +1,1 @@
+"""Storage: one URI grammar, fetching and uploading per backend, credentials, the workspace."""
