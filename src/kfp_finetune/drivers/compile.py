@@ -13,7 +13,7 @@ from pathlib import Path
 from kfp_finetune.config.runtimes import RUNTIMES, get_runtime
 from kfp_finetune.errors import ConfigError
 
-REPO_COMPILED = Path(__file__).resolve().parents[2] / "compiled"
+REPO_COMPILED = Path(__file__).resolve().parents[3] / "compiled"
 
 
 @contextmanager
