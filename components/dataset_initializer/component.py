@@ -63,7 +63,7 @@ def dataset_initializer(
     with step_errors("dataset-initializer", workspace_path):
         from kfp_finetune.config.params import config_from_params
         from kfp_finetune.config.runtimes import get_runtime
-        from kfp_finetune.steps.initializers import initialize_dataset
+        from kfp_finetune.steps.dataset_initializer import initialize_dataset
 
         get_runtime(runtime)
         config = config_from_params(

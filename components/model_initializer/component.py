@@ -97,7 +97,7 @@ def model_initializer(
 
     with step_errors("model-initializer", workspace_path):
         from kfp_finetune.config.params import config_from_params
-        from kfp_finetune.steps.initializers import initialize_model
+        from kfp_finetune.steps.model_initializer import initialize_model
 
         config = config_from_params(
             dtype=dtype, batch_size=batch_size, epochs=epochs, loss=loss, num_nodes=num_nodes,

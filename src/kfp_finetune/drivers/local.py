@@ -29,7 +29,7 @@ from kfp_finetune.steps.report import LOSS_CURVE_FILE
 from kfp_finetune.steps.step_errors import clear_record, step_error
 from kfp_finetune.steps.training_log import read_metrics
 from kfp_finetune.steps.tune_config import resolve
-from kfp_finetune.storage.fetch import check_ignore_patterns
+from kfp_finetune.storage.selection import check_ignore_patterns
 from kfp_finetune.storage.uris import parse_storage_uri
 from kfp_finetune.storage.workspace import Workspace, workspace_lock
 

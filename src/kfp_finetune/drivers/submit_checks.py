@@ -147,7 +147,7 @@ def ops_arguments(
     Raises:
         ConfigError: An option is malformed, or ``delete_workspace`` would delete the only copy.
     """
-    from kfp_finetune.steps.export_model import parse_destination
+    from kfp_finetune.storage.uris import parse_destination
 
     dest = parse_destination(push_to)
     if delete_workspace and dest is None:
