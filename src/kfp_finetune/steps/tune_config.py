@@ -14,12 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from kfp_finetune.config.runtimes import Runtime
-from kfp_finetune.config.types import DataType, LoraConfig, Loss, TorchTuneConfig
+from kfp_finetune.config.types import (
+    DataType,
+    LoraConfig,
+    Loss,
+    TorchTuneConfig,
+    TorchTuneInstructDataset,
+)
 from kfp_finetune.errors import ConfigError
-from kfp_finetune.steps.dataset_plan import DatasetPlan
+from kfp_finetune.steps.dataset_plan import DatasetPlan, plan_dataset
 from kfp_finetune.steps.gpu_defaults import cap_warmup, memory_defaults
-from kfp_finetune.steps.model_check import ModelInfo
+from kfp_finetune.steps.model_check import ModelInfo, check_model
 from kfp_finetune.steps.recipes import RecipeChoice, base_config_path, select_recipe
+from kfp_finetune.storage.content import dataset_cache
+from kfp_finetune.storage.workspace import Workspace, require_complete
 
 # Builders of the -tiny runtimes (module kfp_finetune.plugins.hf_models), by (family, LoRA).
 BUILDERS = {
@@ -143,6 +151,41 @@ def _model_overrides(
         if peft.quantize_base:
             model["quantize_base"] = True
     return model
+
+
+def prepare_training(
+    ws: Workspace, runtime: Runtime, resolved: ResolvedConfig, preprocess: TorchTuneInstructDataset
+) -> tuple[RecipeChoice, dict[str, Any]]:
+    """Check the workspace's dataset and model and render the torchtune config."""
+    choice, conf, _ = prepare_run(ws, runtime, resolved, preprocess)
+    return choice, conf
+
+
+def prepare_run(
+    ws: Workspace, runtime: Runtime, resolved: ResolvedConfig, preprocess: TorchTuneInstructDataset
+) -> tuple[RecipeChoice, dict[str, Any], DatasetPlan]:
+    """Check the workspace's dataset and model; the recipe, torchtune config and dataset plan.
+
+    Shared by the fine-tune and tokenize-dataset steps, so both read the data the same way.
+
+    Raises:
+        WorkspaceError: The dataset or model step has not finished.
+    """
+    dataset = require_complete(ws.dataset_dir, "dataset-initializer")
+    require_complete(ws.model_dir, "model-initializer")
+    info = check_model(ws.model_dir, runtime)
+    cache = dataset_cache(ws.cache_dir / "datasets", ws.dataset_dir, dataset)
+    plan = plan_dataset(ws.dataset_dir, preprocess, cache)
+    choice, conf = render_config(
+        runtime,
+        resolved,
+        model_dir=ws.model_dir,
+        model=info,
+        dataset=plan,
+        output_dir=ws.checkpoints_dir,
+        cache_dir=cache,
+    )
+    return choice, conf, plan
 
 
 def render_config(
