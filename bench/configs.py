@@ -2,7 +2,7 @@
 
 * **ours**: the workspace is filled by the real initializer steps
   (``initialize_dataset`` / ``initialize_model``) and the config is rendered by
-  ``finetune.prepare_training`` -> ``tune_config.render_config``, so whatever defaults the
+  ``tune_config.prepare_training`` -> ``tune_config.render_config``, so whatever defaults the
   project currently has (packing, ``max_seq_len``, compile, activation checkpointing, ...)
   are what is measured. Nothing about our defaults is hard-coded here.
 * **anchor**: what Kubeflow Trainer's ``torchtune-<model>`` runtime runs: torchtune's
