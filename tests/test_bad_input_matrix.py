@@ -38,7 +38,8 @@ from kfp_finetune.errors import (
     SourceError,
     WorkspaceError,
 )
-from kfp_finetune.steps.initializers import initialize_dataset, initialize_model
+from kfp_finetune.steps.dataset_initializer import initialize_dataset
+from kfp_finetune.steps.model_initializer import initialize_model
 
 RUNTIME = "torchtune-llama3.2-tiny"
 

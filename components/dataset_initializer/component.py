@@ -39,7 +39,7 @@ def dataset_initializer(
 
     with step_errors("dataset-initializer", workspace_path):
         from kfp_finetune.config.run_config import RunConfig
-        from kfp_finetune.steps.initializers import initialize_dataset
+        from kfp_finetune.steps.dataset_initializer import initialize_dataset
 
         run = RunConfig.from_dict(config)
         result = initialize_dataset(

@@ -38,7 +38,7 @@ def model_initializer(
 
     with step_errors("model-initializer", workspace_path):
         from kfp_finetune.config.run_config import RunConfig
-        from kfp_finetune.steps.initializers import initialize_model
+        from kfp_finetune.steps.model_initializer import initialize_model
 
         run = RunConfig.from_dict(config)
         result = initialize_model(workspace_path, run.model_uri, run.runtime, run.trainer,

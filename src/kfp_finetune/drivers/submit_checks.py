@@ -115,7 +115,7 @@ def check_ops_values(values: dict[str, Any]) -> dict[str, Any]:
         ConfigError: An option is malformed (named by its flag), or
             ``--delete-workspace`` would delete the only copy.
     """
-    from kfp_finetune.steps.export_model import parse_destination
+    from kfp_finetune.storage.uris import parse_destination
 
     v = values
     if v.get("workspace_delete_on_success") and parse_destination(

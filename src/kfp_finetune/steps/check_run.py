@@ -15,9 +15,10 @@ from kfp_finetune.config.run_config import RunConfig, canonical_names, from_valu
 from kfp_finetune.config.runtimes import get_runtime
 from kfp_finetune.errors import ConfigError
 from kfp_finetune.steps.check_config import ClusterSettings, check_cluster_settings
-from kfp_finetune.steps.export_model import check_destination, check_export_name
+from kfp_finetune.steps.export_model import check_export_name
 from kfp_finetune.steps.tune_config import resolve
-from kfp_finetune.storage.fetch import check_ignore_patterns
+from kfp_finetune.storage.selection import check_ignore_patterns
+from kfp_finetune.storage.upload import check_destination
 from kfp_finetune.storage.uris import parse_storage_uri
 
 
