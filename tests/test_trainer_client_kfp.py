@@ -243,7 +243,7 @@ def test_schedule_creates_lists_and_deletes_a_recurring_run(cluster):
 def test_s3_initializers_put_keys_endpoint_and_region_in_the_secret(cluster):
     client, kfp_api, k8s_api = cluster
     name = client.train(
-        runtime=get_runtime("torchtune-llama3.2-1b"),  # kfp_finetune's own Runtime works too
+        runtime=get_runtime("torchtune-llama3.2-1b"),  # kfp_finetune.get_runtime: the SDK Runtime
         initializer=Initializer(dataset=S3DatasetInitializer(
             storage_uri="s3://data/alpaca", endpoint="http://minio.minio:9000",
             access_key_id="minio", secret_access_key=S3_SENTINEL, region="eu-west-1")))

@@ -35,7 +35,7 @@ from kfp_finetune.components.export_model import export_model
 from kfp_finetune.components.fine_tune import fine_tune
 from kfp_finetune.components.model_initializer import model_initializer
 from kfp_finetune.components.tokenize_dataset import tokenize_dataset
-from kfp_finetune.config.runtimes import Runtime, get_runtime
+from kfp_finetune.config.runtimes import RuntimeSpec, get_runtime
 from kfp_finetune.config.types import Loss
 from kfp_finetune.pipelines.finetune.cluster import (
     ClusterParams,
@@ -51,7 +51,7 @@ from kfp_finetune.storage.workspace import WORKSPACE_MOUNT
 DEFAULT_DATASET_URI = "hf://tatsu-lab/alpaca/data"
 
 
-def pipeline_name(runtime: Runtime) -> str:
+def pipeline_name(runtime: RuntimeSpec) -> str:
     """KFP pipeline name of a runtime, e.g. ``kfp-finetune-torchtune-llama3-2-1b``."""
     return "kfp-finetune-" + runtime.name.replace(".", "-")
 

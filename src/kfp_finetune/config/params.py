@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from kfp_finetune.config.types import LoraConfig, TorchTuneConfig, TorchTuneInstructDataset
+from kfp_finetune.config.validation import normalize_dataset, normalize_lora
 from kfp_finetune.errors import ConfigError
 
 PEFT_METHODS = ("none", "lora", "qlora", "dora")
@@ -75,7 +76,7 @@ def lora_from_params(
     }
     if lora_attn_modules:
         kwargs["lora_attn_modules"] = list(lora_attn_modules)
-    return LoraConfig(**kwargs)
+    return normalize_lora(LoraConfig(**kwargs))
 
 
 def _negative(value: Any) -> bool:
@@ -108,13 +109,13 @@ def preprocess_from_params(
     source: str, split: str, train_on_input: bool, new_system_prompt: str, column_map: Any
 ) -> TorchTuneInstructDataset:
     """Build ``TorchTuneInstructDataset`` from pipeline parameters (validated)."""
-    return TorchTuneInstructDataset(
+    return normalize_dataset(TorchTuneInstructDataset(
         source=source or None,
         split=split or None,
         train_on_input=train_on_input,
         new_system_prompt=new_system_prompt or None,
         column_map=dict(column_map) if column_map else None,
-    )
+    ))
 
 
 def config_from_params(

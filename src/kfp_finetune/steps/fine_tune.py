@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kfp_finetune.config.runtimes import Runtime, get_runtime
+from kfp_finetune.config.runtimes import RuntimeSpec, get_runtime
 from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.errors import (
     DatasetError,
@@ -116,7 +116,8 @@ class TrainSummary:
 
 
 def prepare_training(
-    ws: Workspace, runtime: Runtime, resolved: ResolvedConfig, preprocess: TorchTuneInstructDataset
+    ws: Workspace, runtime: RuntimeSpec, resolved: ResolvedConfig,
+    preprocess: TorchTuneInstructDataset,
 ) -> tuple[RecipeChoice, dict[str, Any]]:
     """Check the workspace's dataset and model and render the torchtune config."""
     choice, conf, _ = _prepare(ws, runtime, resolved, preprocess)
@@ -124,7 +125,8 @@ def prepare_training(
 
 
 def _prepare(
-    ws: Workspace, runtime: Runtime, resolved: ResolvedConfig, preprocess: TorchTuneInstructDataset
+    ws: Workspace, runtime: RuntimeSpec, resolved: ResolvedConfig,
+    preprocess: TorchTuneInstructDataset,
 ) -> tuple[RecipeChoice, dict[str, Any], DatasetPlan]:
     dataset = require_complete(ws.dataset_dir, "dataset-initializer")
     require_complete(ws.model_dir, "model-initializer")
@@ -180,7 +182,7 @@ def run_fine_tune(
 
 def _run_locked(
     ws: Workspace,
-    runtime: Runtime,
+    runtime: RuntimeSpec,
     resolved: ResolvedConfig,
     preprocess: TorchTuneInstructDataset,
     log: Any,

@@ -17,6 +17,7 @@ from typing import Any
 
 from kfp_finetune.config.runtimes import get_runtime
 from kfp_finetune.config.types import DataFormat, TorchTuneConfig, TorchTuneInstructDataset
+from kfp_finetune.config.validation import normalize_dataset
 from kfp_finetune.errors import WorkspaceError
 from kfp_finetune.steps.dataset_plan import EXTENSIONS, DatasetPlan, plan_dataset
 from kfp_finetune.steps.model_check import (
@@ -206,6 +207,7 @@ def initialize_dataset(
     Returns:
         What was fetched and how the fine-tune step will read it.
     """
+    preprocess = normalize_dataset(preprocess)  # the SDK's class checks nothing itself
     uri = parse_storage_uri(storage_uri, "dataset")
     fmt = DataFormat(preprocess.source)
     options = FetchOptions(

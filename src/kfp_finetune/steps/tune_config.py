@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kfp_finetune.config.runtimes import Runtime
-from kfp_finetune.config.types import DataType, LoraConfig, Loss, TorchTuneConfig
+from kfp_finetune.config.runtimes import RuntimeSpec
+from kfp_finetune.config.types import DataType, LoraConfig, Loss, TorchTuneConfig, normalize_config
 from kfp_finetune.errors import ConfigError
 from kfp_finetune.steps.dataset_plan import DatasetPlan
 from kfp_finetune.steps.gpu_defaults import cap_warmup, memory_defaults
@@ -100,7 +100,7 @@ class RecipeChoice:
         return ["tune", "run", *launch, self.recipe, "--config", str(config_path)]
 
 
-def resolve(runtime: Runtime, config: TorchTuneConfig,
+def resolve(runtime: RuntimeSpec, config: TorchTuneConfig,
             gpu_memory_gib: float | None = None) -> ResolvedConfig:
     """Fill the unset fields of ``config`` with the runtime's defaults.
 
@@ -118,6 +118,7 @@ def resolve(runtime: Runtime, config: TorchTuneConfig,
         ConfigError: The combination cannot run (QLoRA on CPU, packing without a length, a
             GPU count torchtune has no config for).
     """
+    config = normalize_config(config)  # the SDK's TorchTuneConfig checks nothing itself
     gpus = runtime.default_gpus if config.gpus is None else config.gpus
     speed = {**runtime.defaults, **(runtime.gpu_defaults if gpus > 0 else {}),
              **memory_defaults(runtime, gpus, gpu_memory_gib, config.peft_config is not None)}
@@ -174,7 +175,7 @@ def _available_configs() -> dict[str, str]:
     return {c.name: r.name for r in module.get_all_recipes() for c in r.configs}
 
 
-def select_recipe(runtime: Runtime, cfg: ResolvedConfig) -> RecipeChoice:
+def select_recipe(runtime: RuntimeSpec, cfg: ResolvedConfig) -> RecipeChoice:
     """Choose recipe and base config by GPU count and PEFT settings (table above).
 
     Raises:
@@ -219,7 +220,7 @@ def base_config_path(config_name: str) -> Path:
 
 
 def _model_overrides(
-    runtime: Runtime, peft: LoraConfig | None, model_dir: Path, base_model: dict[str, Any]
+    runtime: RuntimeSpec, peft: LoraConfig | None, model_dir: Path, base_model: dict[str, Any]
 ) -> dict[str, Any]:
     model: dict[str, Any] = dict(base_model)
     if runtime.tiny:
@@ -243,7 +244,7 @@ def _model_overrides(
 
 
 def render_config(
-    runtime: Runtime,
+    runtime: RuntimeSpec,
     cfg: ResolvedConfig,
     *,
     model_dir: Path,
