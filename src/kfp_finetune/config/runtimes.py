@@ -6,7 +6,7 @@ the model from the checkpoint's own ``config.json``, so any checkpoint of that a
 works with them; they exist for CPU runs and smoke tests.
 
 A runtime is described here by a :class:`RuntimeSpec` (model URI, defaults, recipe inputs);
-users see it as the Kubeflow SDK's ``Runtime`` (:func:`sdk_runtime`, what
+users see it as the Kubeflow SDK's ``Runtime`` (``kfp_finetune.config.types.sdk_runtime``, what
 ``kfp_finetune.get_runtime`` and ``TrainerClient.get_runtime`` return). Wherever a runtime is
 taken, its name, the SDK's ``Runtime`` or a ``RuntimeSpec`` will do (:func:`runtime_name`).
 """
@@ -338,36 +338,6 @@ def runtime_name(runtime: Any) -> str:
             "'torchtune-llama3.2-1b' or get_runtime('torchtune-llama3.2-1b')."
         )
     return get_runtime(name).name
-
-
-def sdk_runtime(name: Any) -> Any:
-    """The Kubeflow SDK's ``Runtime`` for one of this project's runtimes.
-
-    This is what ``kfp_finetune.get_runtime`` and ``TrainerClient.get_runtime`` return, and
-    what ``train(runtime=...)`` accepts (as it accepts the name).
-
-    Raises:
-        ConfigError: No runtime has that name.
-    """
-    from kubeflow.common.constants import UNKNOWN
-    from kubeflow.trainer.types import types
-
-    from kfp_finetune.config.images import TRAINER_IMAGE
-
-    rt = get_runtime(name)
-    trainer = types.RuntimeTrainer(
-        trainer_type=types.TrainerType.BUILTIN_TRAINER,
-        framework=types.TORCH_TUNE,
-        image=TRAINER_IMAGE,
-        num_nodes=1,
-        device="gpu" if rt.default_gpus else "cpu",
-        device_count=str(rt.default_gpus) if rt.default_gpus else UNKNOWN,
-    )
-    trainer.set_command(("tune", "run"))
-    return types.Runtime(
-        name=rt.name, trainer=trainer, kind=types.RuntimeKind.CLUSTER_TRAINING_RUNTIME,
-        pretrained_model=rt.model_uri or None,
-    )
 
 
 def runtime_for_shape(
