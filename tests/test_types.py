@@ -174,3 +174,11 @@ def test_initializers_are_checked_where_used_and_their_token_never_shown():
     model = normalize_initializer(t.HuggingFaceModelInitializer(storage_uri="hf://org/model"),
                                   "model")
     assert model.ignore_patterns is None  # the SDK's default patterns count as "not set"
+
+
+def test_the_old_runtime_class_name_is_a_deprecated_alias():
+    from kfp_finetune.config import runtimes
+
+    with pytest.warns(DeprecationWarning, match="RuntimeSpec"):
+        assert runtimes.Runtime is runtimes.RuntimeSpec
+    assert isinstance(kfp_finetune.get_runtime("torchtune-llama3.2-1b"), sdk.Runtime)

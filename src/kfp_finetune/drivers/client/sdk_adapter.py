@@ -3,9 +3,10 @@
 ``kubeflow.trainer`` users pass ``TorchTuneConfig``, ``LoraConfig``, ``TorchTuneInstructDataset``,
 ``Initializer`` with ``HuggingFace*``/``S3*`` initializers and a ``Runtime`` (or its name). These
 ARE this project's types (``kfp_finetune.config.types``), so nothing is converted: they are
-checked (:func:`check_job`, the one path of ``train()``, the client and the CLI) and the
-credentials are taken out of them, to reach the run through a Secret or the environment,
-never a pipeline parameter.
+checked (:func:`check_job`, the one path of ``kfp_finetune.train()`` and both
+``TrainerClient`` backends; the checks are ``kfp_finetune.config.validation``'s, which the CLI's
+``TorchTuneConfig`` runs too) and the credentials are taken out of them, to reach the run
+through a Secret or the environment, never a pipeline parameter.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def _credentials(initializers: list[Any]) -> Credentials:
 
 
 def check_job(runtime: Any, initializer: Any, trainer: Any) -> CheckedJob:
-    """Check the SDK's ``train()`` arguments (the path of ``train()``, the client and the CLI).
+    """Check the SDK's ``train()`` arguments (the path of ``train()`` and the client).
 
     Args:
         runtime: A runtime name, the SDK's ``Runtime`` (``get_runtime()``'s) or a
