@@ -192,7 +192,7 @@ def test_gated_repo_without_token_names_the_secret(tmp_path: Path) -> None:
     message = str(err.value)
     assert "hf://org/gated-data/data" in message and "gated" in message
     assert "401" in message and "no HF_TOKEN was set" in message
-    assert "kubectl create secret generic hf-token" in message and "hf_token_secret" in message
+    assert "kubectl create secret generic hf-token" in message and "secret_hf_token" in message
     assert read_manifest(tmp_path / "dataset") is None
 
 

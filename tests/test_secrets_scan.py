@@ -122,8 +122,11 @@ def test_uris_with_credentials_are_rejected_and_redacted_everywhere(
 
     metrics = dsl.Metrics(name="metrics", uri=str(tmp_path / "m"), metadata={})
     with pytest.raises(KfpFinetuneError) as err:
-        dataset_initializer.python_func(runtime=faultkit.RUNTIME, dataset_uri=uri,
-                                        metrics=metrics, workspace_path=str(ws))
+        from kfp_finetune.config.run_config import RunConfig
+
+        # A config built without check-config's checks: the step refuses the URI itself.
+        config = RunConfig(runtime=faultkit.RUNTIME, dataset_uri=uri).to_dict()
+        dataset_initializer.python_func(config=config, metrics=metrics, workspace_path=str(ws))
     messages.append(str(err.value))
     for text in messages:
         assert "embeds credentials" in text and "Secret" in text, text
