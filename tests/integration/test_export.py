@@ -32,6 +32,8 @@ from kfp_finetune.steps.export_model import (
 from kfp_finetune.storage.workspace import MANIFEST, Workspace
 
 RUNTIME = "torchtune-llama3.2-tiny"
+# Every test here reads a workspace the module fixtures trained (two real tune runs).
+pytestmark = pytest.mark.slow
 ATOL = 1e-5
 PROMPT = "Name the capital. Italy"
 
