@@ -22,8 +22,7 @@ from kfp_finetune.errors import (
     TrainingError,
     WorkspaceError,
 )
-
-__version__ = "0.1.0"
+from kfp_finetune.version import __version__ as __version__  # defined once, for every layer
 
 __all__ = [
     "RUNTIMES",

@@ -101,8 +101,8 @@ def _parse_value(text: str, key: str, raw: str) -> Any:
         detail = str(exc).strip().splitlines()[0]
         raise ConfigError(
             f"override {redact(text)!r}: the value of {redact(key)!r} is not valid YAML "
-            f"({detail}); quote it as a string (key='text'), or write a number, true/false, [a, b] or "
-            "{k: v}."
+            f"({detail}); quote it as a string (key='text'), or write a number, true/false, "
+            "[a, b] or {k: v}."
         ) from None
     if isinstance(raw, str) and "${" in raw:
         from omegaconf import grammar_parser

@@ -184,7 +184,7 @@ def test_cpu_runs_ignore_the_card_rules():
 def test_readme_runtime_table_states_each_memory_threshold():
     from kfp_finetune.config.runtimes import RUNTIMES
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("## Runtimes", 1)[1].split("\n## ", 1)[0]
     for runtime in RUNTIMES.values():
         for rule in runtime.memory_rules:

@@ -19,8 +19,6 @@ import threading
 import time
 
 import pytest
-from k8s_api_server import FakeK8sApi, Pod
-from kfp_api_server import LiveKfpApi
 from kubeflow.trainer import (
     BuiltinTrainer,
     CustomTrainer,
@@ -34,6 +32,8 @@ from kubeflow.trainer import (
 )
 from kubeflow.trainer.constants import constants
 from kubernetes.client import Configuration
+from support.k8s_api_server import FakeK8sApi, Pod
+from support.kfp_api_server import LiveKfpApi
 
 from kfp_finetune import ConfigError, KfpBackendConfig, TrainerClient, get_runtime
 from kfp_finetune.drivers.client import TrainJobFailed

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.hub_files import model_files, parquet_bytes
+from support.hub_server import HubServer
 
 from kfp_finetune.errors import ConfigError, SourceError
 from kfp_finetune.storage import credentials
-
-sys.path.insert(0, str(Path(__file__).parent))
-from hub_server import HubServer  # noqa: E402
-from test_initializers_hf import model_files, parquet_bytes  # noqa: E402
 
 TOKEN = "hf_SecretTokenForLeakTests000000000000001"
 WRONG = "hf_WrongTokenThatMustNotLeakEither0000002"

@@ -33,6 +33,8 @@ from kfp_finetune.storage.uris import parse_destination
 from kfp_finetune.storage.workspace import MANIFEST, Workspace
 
 RUNTIME = "torchtune-llama3.2-tiny"
+# Every test here reads a workspace the module fixtures trained (two real tune runs).
+pytestmark = pytest.mark.slow
 ATOL = 1e-5
 PROMPT = "Name the capital. Italy"
 

@@ -8,10 +8,11 @@ every compiled YAML are scanned byte for byte.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
+from support import faultkit
+from support.faultkit import SENTINEL_AWS, SENTINEL_AWS_ID, SENTINEL_HF, secret_env, start
 
 from kfp_finetune.config.types import HuggingFaceDatasetInitializer, HuggingFaceModelInitializer
 from kfp_finetune.config.validation import normalize_initializer
@@ -20,12 +21,8 @@ from kfp_finetune.errors import KfpFinetuneError, SourceError
 from kfp_finetune.storage.credentials import redact
 from kfp_finetune.storage.uris import parse_storage_uri
 
-sys.path.insert(0, str(Path(__file__).parent))
-import faultkit  # noqa: E402
-from faultkit import SENTINEL_AWS, SENTINEL_AWS_ID, SENTINEL_HF, secret_env, start  # noqa: E402
-
 SECRETS = (SENTINEL_HF, SENTINEL_AWS, SENTINEL_AWS_ID)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _leaks(data: bytes) -> list[str]:
