@@ -74,7 +74,7 @@ def get_runtime(name: str) -> Any:
     Raises:
         ConfigError: No runtime has that name; the message lists them.
     """
-    from kfp_finetune.config.types import sdk_runtime
+    from kfp_finetune.config.runtimes import sdk_runtime
 
     return sdk_runtime(name)
 

@@ -59,7 +59,7 @@ __all__ = [
     "LoraConfig", "Loss", "Runtime", "S3DatasetInitializer", "S3ModelInitializer",
     "SdkTorchTuneConfig", "TorchTuneConfig", "TorchTuneInstructDataset", "check_column_map",
     "check_split_syntax", "coerce_enum", "normalize_config", "normalize_dataset",
-    "normalize_initializer", "normalize_lora", "sdk_runtime",
+    "normalize_initializer", "normalize_lora",
 ]
 
 
@@ -176,34 +176,3 @@ def normalize_config(config: Any) -> TorchTuneConfig:
         )
     return TorchTuneConfig(**{f.name: getattr(config, f.name)
                               for f in dataclasses.fields(config) if f.init})
-
-
-def sdk_runtime(name: Any) -> Runtime:
-    """The Kubeflow SDK's ``Runtime`` for one of this project's runtimes.
-
-    This is what ``kfp_finetune.get_runtime`` and ``TrainerClient.get_runtime`` return, and
-    what ``train(runtime=...)`` accepts (as it accepts the name).
-
-    Raises:
-        ConfigError: No runtime has that name.
-    """
-    from kubeflow.common.constants import UNKNOWN
-    from kubeflow.trainer.types import types
-
-    from kfp_finetune.config.images import TRAINER_IMAGE
-    from kfp_finetune.config.runtimes import get_runtime
-
-    rt = get_runtime(name)
-    trainer = types.RuntimeTrainer(
-        trainer_type=types.TrainerType.BUILTIN_TRAINER,
-        framework=types.TORCH_TUNE,
-        image=TRAINER_IMAGE,
-        num_nodes=1,
-        device="gpu" if rt.default_gpus else "cpu",
-        device_count=str(rt.default_gpus) if rt.default_gpus else UNKNOWN,
-    )
-    trainer.set_command(("tune", "run"))
-    return types.Runtime(
-        name=rt.name, trainer=trainer, kind=types.RuntimeKind.CLUSTER_TRAINING_RUNTIME,
-        pretrained_model=rt.model_uri or None,
-    )
