@@ -84,6 +84,7 @@ class TorchTuneConfig(SdkTorchTuneConfig):
         resources_per_node: ``{"gpu": N}``: GPUs requested per node, and the process count.
             ``{"gpu": 0}`` trains on CPU.
         learning_rate: Optimizer learning rate. Default: the torchtune config's.
+        weight_decay: AdamW weight decay. Default: the torchtune config's.
         gradient_accumulation_steps: Steps whose gradients are summed before an update.
         max_seq_len: Longest tokenized sample; longer ones are truncated. Needed for packing.
         packed: Pack several samples into each max_seq_len sequence (faster on GPU).
@@ -97,6 +98,7 @@ class TorchTuneConfig(SdkTorchTuneConfig):
     """
 
     learning_rate: float | None = None
+    weight_decay: float | None = None
     gradient_accumulation_steps: int | None = None
     max_seq_len: int | None = None
     packed: bool | None = None
@@ -126,6 +128,8 @@ class TorchTuneConfig(SdkTorchTuneConfig):
             self.resources_per_node = check_resources(self.resources_per_node)
         if self.learning_rate is not None:
             check_number(self.learning_rate, "learning_rate", 0, 1, example="2e-5")
+        if self.weight_decay is not None:
+            check_number(self.weight_decay, "weight_decay", 0, 1, low_open=False, example="0.01")
         for name, minimum in (("gradient_accumulation_steps", 1), ("max_seq_len", 16),
                               ("max_steps_per_epoch", 1), ("seed", 0)):
             if getattr(self, name) is not None:
