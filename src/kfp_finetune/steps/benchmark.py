@@ -5,17 +5,16 @@ its results into one number per task and metric (``<task>/<metric>``, e.g. ``arc
 
 Why lm-eval directly, and not torchtune's ``eleuther_eval`` recipe:
 
-* torchtune 0.6.1's recipe checks ``version("lm-eval") < "0.4.5"`` as *strings*, so it refuses
-  every lm-eval from 0.4.10 on ("0.4.13" < "0.4.5"); only 0.4.5-0.4.9.x pass, and the index
-  here and current transformers move on without it.
-* The recipe only logs a table: ``evaluate()`` returns nothing, so scores would be scraped from
-  its log. It takes no ``num_fewshot``; it runs on one device only.
-* It rebuilds the model from a torchtune config (model builder, checkpointer, tokenizer files in
-  torchtune's format). The export is a plain Hugging Face folder whose top level holds the
-  *merged* model for LoRA runs too, so ``HFLM`` loads full and LoRA results alike, with no
-  torchtune config and no peft (which refuses this project's torchao pin).
+* torchtune 0.6.1's recipe compares ``version("lm-eval") < "0.4.5"`` as *strings*, so it
+  refuses every lm-eval from 0.4.10 on ("0.4.13" < "0.4.5"); we would be stuck on 0.4.9.x.
+* It only logs a table (``evaluate()`` returns nothing: scores would be scraped from the log),
+  takes no ``num_fewshot`` and runs on one device.
+* It rebuilds the model from a torchtune config (builder, checkpointer, torchtune tokenizer
+  files). The export is a Hugging Face folder whose top level holds the *merged* model for LoRA
+  runs too, so ``HFLM`` loads full and LoRA results alike, with no peft (which refuses this
+  project's torchao pin) and for any architecture transformers knows, the tiny test models too.
 * ``HFLM`` is what users run outside the pipeline (``lm-eval run --model hf``), so the numbers
-  compare; on a GPU node it picks CUDA, ``batch_size=auto`` and the checkpoint's dtype.
+  compare; on a GPU node it uses CUDA, ``batch_size=auto`` and the checkpoint's dtype.
 
 Offline use: a task is a registered lm-eval name (its data comes from the Hugging Face Hub) or
 the path of a task YAML file (lm-eval's ``--include_path`` format) whose ``dataset_path: json``
@@ -50,6 +49,8 @@ LIST_HINT = ("list valid names with `lm-eval ls tasks` (add `--include_path DIR`
 CPU_BATCH_SIZE = 8  # "auto" on CPU: lm-eval's search for the largest batch is meant for GPUs
 _YAML_SUFFIXES = (".yaml", ".yml")
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+_OFFLINE_FLAGS = (("huggingface_hub.constants", "HF_HUB_OFFLINE"),
+                  ("datasets.config", "HF_HUB_OFFLINE"), ("datasets.config", "HF_DATASETS_OFFLINE"))
 
 
 def _print(message: str) -> None:
@@ -63,7 +64,6 @@ class BenchmarkPlan:
     Attributes:
         tasks: Task names, in the order given (a YAML path is replaced by its task name).
         include_paths: Folders lm-eval indexes besides its own tasks.
-        local_files: The task YAML files given by path.
         limit: Examples per task: None for all, a count (>= 1) or a fraction (0 < x < 1).
         num_fewshot: Few-shot examples, or None for each task's own default.
         batch_size: A positive int, "auto" or "auto:N".
@@ -71,7 +71,6 @@ class BenchmarkPlan:
 
     tasks: tuple[str, ...]
     include_paths: tuple[str, ...] = ()
-    local_files: tuple[str, ...] = ()
     limit: int | float | None = None
     num_fewshot: int | None = None
     batch_size: int | str = "auto"
@@ -109,21 +108,22 @@ def _check_batch_size(batch_size: int | str) -> int | str:
         return int(text)
     if text == "auto" or (text.startswith("auto:") and text[5:].isdigit() and int(text[5:]) > 0):
         return text
-    raise ConfigError(f"eval batch_size={batch_size!r} is not a positive whole number, 'auto' or "
-                      "'auto:N' (N: how often lm-eval re-measures); use e.g. 8 or auto.")
+    raise ConfigError(f"eval_lm_batch_size={batch_size!r} is not a positive whole number, "
+                      "'auto' or 'auto:N' (N: how often lm-eval re-measures); use e.g. 8 or auto.")
 
 
 def _check_limit(limit: float | int | None) -> int | float | None:
     if limit is None or limit == 0:
         return None
     if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit):
-        raise ConfigError(f"eval limit={limit!r} is not a number; use 0 for every example.")
+        raise ConfigError(f"eval_lm_limit={limit!r} is not a number; use 0 for every example.")
     if 0 < limit < 1:
         return float(limit)
     if limit >= 1 and float(limit).is_integer():
         return int(limit)
-    raise ConfigError(f"eval limit={limit!r} is neither a whole count of examples per task (>= 1) "
-                      "nor a fraction between 0 and 1; use 0 for every example, e.g. 100 or 0.1.")
+    raise ConfigError(f"eval_lm_limit={limit!r} is neither a whole count of examples per task "
+                      "(>= 1) nor a fraction between 0 and 1; use 0 for every example, e.g. 100 "
+                      "or 0.1.")
 
 
 def _task_name_of(path: Path) -> str:
@@ -136,13 +136,13 @@ def _task_name_of(path: Path) -> str:
     try:
         config = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - SafeLoader subclass
     except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"eval task file {str(path)!r} cannot be read as YAML ({exc}); give an "
-                          "lm-eval task YAML (see lm-eval's docs/new_task_guide.md).") from exc
+        raise ConfigError(f"eval_lm_tasks file {str(path)!r} cannot be read as YAML ({exc}); "
+                          "give an lm-eval task YAML (lm-eval's docs/new_task_guide.md).") from exc
     config = config if isinstance(config, dict) else {}
     # A group YAML lists its tasks under 'task:' and is named by 'group:'.
     name = config.get("task") if isinstance(config.get("task"), str) else config.get("group")
     if not isinstance(name, str) or not name.strip():
-        raise ConfigError(f"eval task file {str(path)!r} has no 'task:' name; an lm-eval task "
+        raise ConfigError(f"eval_lm_tasks file {str(path)!r} has no 'task:' name; an lm-eval task "
                           "YAML starts with e.g. 'task: my_task'.")
     return name.strip()
 
@@ -155,8 +155,8 @@ def _local_task(entry: str, base_dir: str | Path | None) -> tuple[str, Path] | N
     if base_dir is not None and not path.is_absolute():
         path = Path(base_dir) / path
     if not path.is_file():
-        raise ConfigError(f"eval task file {entry!r} does not exist (or is not a file); give the "
-                          "path of an lm-eval task YAML as the task sees it (e.g. on /workspace).")
+        raise ConfigError(f"eval_lm_tasks file {entry!r} does not exist (or is not a file); give "
+                          "the path of an lm-eval task YAML as the task sees it (on /workspace).")
     path = path.resolve()
     return _task_name_of(path), path
 
@@ -188,22 +188,20 @@ def plan_benchmark(
     """
     entries = split_list(tasks)
     if not entries:
-        raise ConfigError("eval tasks is empty; name at least one lm-eval task, e.g. "
+        raise ConfigError("eval_lm_tasks is empty; name at least one lm-eval task, e.g. "
                           f"'arc_easy,hellaswag' ({LIST_HINT}).")
     folders: list[str] = []
     for folder in split_list(include_path):
         path = Path(base_dir or ".") / Path(folder).expanduser()
         if not path.is_dir():
-            raise ConfigError(f"eval include_path {folder!r} is not a folder; give folders that "
+            raise ConfigError(f"eval_lm_include_path {folder!r} is not a folder; give folders that "
                               "hold lm-eval task YAML files.")
         folders.append(str(path.resolve()))
     names: list[str] = []
-    files: list[str] = []
     for entry in entries:
         local = _local_task(entry, base_dir)
         if local:
             name, path = local
-            files.append(str(path))
             if str(path.parent) not in folders:
                 folders.append(str(path.parent))
             entry = name
@@ -211,11 +209,10 @@ def plan_benchmark(
             names.append(entry)
     if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(
             num_fewshot, int) or num_fewshot < -1):
-        raise ConfigError(f"eval num_fewshot={num_fewshot!r} is not a whole number >= 0 (or -1 "
+        raise ConfigError(f"eval_lm_num_fewshot={num_fewshot!r} is not a whole number >= 0 (or -1 "
                           "for each task's default).")
     return BenchmarkPlan(
-        tasks=tuple(names), include_paths=tuple(folders), local_files=tuple(files),
-        limit=_check_limit(limit),
+        tasks=tuple(names), include_paths=tuple(folders), limit=_check_limit(limit),
         num_fewshot=None if num_fewshot in (None, -1) else num_fewshot,
         batch_size=_check_batch_size(batch_size),
     )
@@ -261,6 +258,7 @@ def resolve_tasks(plan: BenchmarkPlan) -> tuple[Any, bool]:
     Raises:
         ConfigError: A task is unknown (close matches and how to list names are given).
     """
+    from lm_eval import __version__
     from lm_eval.tasks import TaskManager
 
     def unknown(manager: Any) -> list[str]:
@@ -277,18 +275,9 @@ def resolve_tasks(plan: BenchmarkPlan) -> tuple[Any, bool]:
         close = sorted({m for name in missing
                         for m in difflib.get_close_matches(name, manager.all_tasks, n=3)})
         hint = f" Close matches: {', '.join(close)}." if close else ""
-        raise ConfigError(f"eval tasks {missing} are not lm-eval tasks (lm-eval "
-                          f"{_version()}).{hint} Fix the name: {LIST_HINT}.")
+        raise ConfigError(f"eval_lm_tasks {missing} are not lm-eval tasks (lm-eval "
+                          f"{__version__}).{hint} Fix the name: {LIST_HINT}.")
     return manager, False
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lm_eval")
-    except PackageNotFoundError:
-        return "not installed"
 
 
 @contextmanager
@@ -299,15 +288,10 @@ def offline(enabled: bool = True) -> Iterator[None]:
     they are set before the import, but a caller that imported them already (a notebook, the
     tests) needs the module flags set as well. Everything is restored on exit.
     """
-    if not enabled:
-        yield
-        return
-    saved_env = {name: os.environ.get(name) for name in _OFFLINE_VARS}
-    flags = [(sys.modules.get(mod), attr) for mod, attr in (
-        ("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
-        ("datasets.config", "HF_DATASETS_OFFLINE"))]
+    saved_env = {name: os.environ.get(name) for name in _OFFLINE_VARS} if enabled else {}
+    flags = [(sys.modules.get(mod), attr) for mod, attr in _OFFLINE_FLAGS] if enabled else []
     flags = [(mod, attr, getattr(mod, attr)) for mod, attr in flags if hasattr(mod, attr)]
-    os.environ.update({name: "1" for name in _OFFLINE_VARS})
+    os.environ.update({name: "1" for name in saved_env})
     for mod, attr, _ in flags:
         setattr(mod, attr, True)
     try:
@@ -317,7 +301,7 @@ def offline(enabled: bool = True) -> Iterator[None]:
             setattr(mod, attr, value)
         for name, value in saved_env.items():
             if value is None:
-                os.environ.pop(name, None)
+                del os.environ[name]
             else:
                 os.environ[name] = value
 
@@ -386,8 +370,8 @@ def run_benchmark(
     on_cpu = device == "cpu"
     batch_size = CPU_BATCH_SIZE if on_cpu and str(plan.batch_size).startswith("auto") \
         else plan.batch_size
-    log(f"benchmark: lm-eval {_version()} on {folder} ({device}, batch size {batch_size}): "
-        f"{', '.join(plan.tasks)}" + ("; offline, local tasks only" if local else ""))
+    log(f"benchmark: lm-eval {lm_eval.__version__} on {folder} ({device}, batch size "
+        f"{batch_size}): {', '.join(plan.tasks)}" + ("; offline: local tasks" if local else ""))
     with offline(local):
         output = lm_eval.simple_evaluate(
             model="hf",
