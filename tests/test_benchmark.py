@@ -5,8 +5,6 @@ local JSONL rows) and run with real lm-eval on the tiny fixture model and on a r
 (trained here on CPU). Argument checks run without loading lm-eval's task index or a model.
 """
 
-from __future__ import annotations
-
 import json
 import math
 import os
@@ -165,6 +163,18 @@ def test_a_folder_without_a_model_is_refused_before_lm_eval(tmp_path):
         run_benchmark(tmp_path, plan_benchmark("hellaswag"), log=QUIET)
 
 
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "gpu", "tpu"])
+def test_a_device_that_is_not_here_is_refused_before_lm_eval(tiny, device):
+    # No GPU on these machines (a cluster's GPU node is what cannot exist here): "cuda" must
+    # fail with the cause, not fall back to CPU for hours of a large model.
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("a GPU is visible: cuda is usable here")
+    with pytest.raises(ConfigError, match=rf"device='{device}' is not usable here"):
+        run_benchmark(tiny["llama3_2"], plan_benchmark("hellaswag"), device=device, log=QUIET)
+
+
 def test_scores_are_named_task_metric_and_filter():
     # lm_eval/evaluator.py keys each score "<metric>,<filter>" ("none" when no filter applied);
     # a stderr lm-eval could not compute is the string "N/A" (lm_eval/api/metrics.py).
@@ -206,14 +216,31 @@ def test_lm_eval_pin_is_one_version_everywhere():
     assert version("lm_eval") == bench.LM_EVAL_VERSION
 
 
-def test_component_runs_in_the_trainer_image():
+def test_component_compiles_after_an_export_under_a_condition(tmp_path):
+    """As the pipeline wires it: after export, skipped when no task is given (dsl.If)."""
+    from kfp import compiler
+
     from kfp_finetune.components.benchmark_model import benchmark_model
     from kfp_finetune.config.images import TRAINER_IMAGE
 
     spec = benchmark_model.component_spec
     assert spec.implementation.container.image == TRAINER_IMAGE
     assert set(spec.outputs) == {"metrics", "results"}
-    assert {"model_path", "tasks", "limit", "num_fewshot", "batch_size"} <= set(spec.inputs)
+
+    @dsl.pipeline(name="bench-only")
+    def bench_only(model_path: str = "/workspace/output/m", eval_lm_tasks: str = "",
+                   eval_lm_limit: float = 0.0):
+        with dsl.If(eval_lm_tasks != "", name="benchmark-requested"):
+            benchmark_model(model_path=model_path, tasks=eval_lm_tasks, limit=eval_lm_limit)
+
+    out = tmp_path / "p.yaml"
+    compiler.Compiler().compile(bench_only, str(out))
+    doc = yaml.safe_load(out.read_text())
+    executor = doc["deploymentSpec"]["executors"]["exec-benchmark-model"]["container"]
+    assert executor["image"] == TRAINER_IMAGE and "pip install" not in " ".join(executor["command"])
+    params = doc["components"]["comp-benchmark-model"]["inputDefinitions"]["parameters"]
+    assert params["limit"]["parameterType"] == "NUMBER_DOUBLE"
+    assert params["batch_size"]["defaultValue"] == "auto"
 
 
 # --------------------------------------------------------------------------- real lm-eval runs

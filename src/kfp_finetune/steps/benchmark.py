@@ -29,10 +29,12 @@ import difflib
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ import yaml
 from kfp_finetune.errors import ConfigError, ModelError
 
 Log = Callable[[str], None]
+_print: Log = partial(print, flush=True)
 
 LM_EVAL_VERSION = "0.4.13"  # the pin of pyproject's `eval` extra and the trainer image
 INSTALL_HINT = f"pip install 'kfp-finetune[eval]' (lm-eval[hf]=={LM_EVAL_VERSION})"
@@ -51,10 +54,6 @@ _YAML_SUFFIXES = (".yaml", ".yml")
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 _OFFLINE_FLAGS = (("huggingface_hub.constants", "HF_HUB_OFFLINE"),
                   ("datasets.config", "HF_HUB_OFFLINE"), ("datasets.config", "HF_DATASETS_OFFLINE"))
-
-
-def _print(message: str) -> None:
-    print(message, flush=True)
 
 
 @dataclass(frozen=True)
@@ -92,8 +91,6 @@ class BenchmarkResult:
     offline: bool
     skipped: list[str] = field(default_factory=list)
 
-
-# --------------------------------------------------------------------------- arguments
 
 
 def split_list(value: str | Sequence[str]) -> list[str]:
@@ -233,8 +230,6 @@ def check_model_folder(model_path: str | Path) -> Path:
     return folder
 
 
-# --------------------------------------------------------------------------- lm-eval
-
 
 def _lm_eval() -> Any:
     try:
@@ -323,21 +318,24 @@ def metrics_from_results(results: dict[str, Any]) -> tuple[dict[str, float], lis
                 continue
             metric, _, filter_name = key.partition(",")
             name = f"{task}/{metric}" + ("" if filter_name == "none" else f"/{filter_name}")
-            number = value if isinstance(value, (int, float)) and not isinstance(value, bool) \
-                else None
-            if number is None or not math.isfinite(number):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
                 skipped.append(name)
             else:
-                metrics[name] = float(number)
+                metrics[name] = float(value)
     return metrics, skipped
 
 
 def _device(device: str) -> str:
-    if device != "auto":
-        return device
+    """"auto" -> cuda or cpu; "cuda[:N]" only where a GPU is visible (checked before loading)."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" or (re.fullmatch(r"cuda(:\d+)?", device) and torch.cuda.is_available()):
+        return device
+    raise ConfigError(f"device={device!r} is not usable here (CUDA visible: "
+                      f"{torch.cuda.is_available()}); use auto, cpu, or cuda[:N] on a GPU node.")
 
 
 def run_benchmark(
@@ -364,9 +362,9 @@ def run_benchmark(
         ConfigError: lm-eval is missing, or a task is unknown (both before the model loads).
     """
     folder = check_model_folder(model_path)
+    device = _device(device)
     lm_eval = _lm_eval()
     manager, local = resolve_tasks(plan)
-    device = _device(device)
     on_cpu = device == "cpu"
     batch_size = CPU_BATCH_SIZE if on_cpu and str(plan.batch_size).startswith("auto") \
         else plan.batch_size
