@@ -321,3 +321,20 @@ def test_component_on_a_real_lora_export(tiny, tasks, tmp_path):
     assert saved["n-samples"]["tiny_mc"]["effective"] == 4
     assert saved["config"]["model_args"]["pretrained"] == export.path
     assert results.metadata["tasks"] == ["tiny_mc", "tiny_ll"] and results.metadata["offline"]
+
+
+@pytest.mark.slow
+def test_component_as_a_kfp_local_task(tiny, tasks, tmp_path):
+    """The component as KFP runs it: a subprocess of the KFP executor (kfp.local, this venv)."""
+    from kfp import local
+
+    from kfp_finetune.components.benchmark_model import benchmark_model
+
+    local.init(runner=local.SubprocessRunner(use_venv=False),
+               pipeline_root=str(tmp_path / "root"), raise_on_error=True)
+    task = benchmark_model(model_path=str(tiny["llama3_2"]),
+                           tasks=f"{tasks['tiny_mc']},{tasks['tiny_ll']}", limit=3.0)
+    check_scores(task.outputs["metrics"].metadata)
+    saved = json.loads(Path(task.outputs["results"].path).read_text())
+    assert saved["n-samples"]["tiny_ll"]["effective"] == 3
+    assert task.outputs["results"].metadata["offline"] is True
