@@ -256,8 +256,9 @@ def resolve_tasks(plan: BenchmarkPlan) -> tuple[Any, bool]:
     from lm_eval import __version__
     from lm_eval.tasks import TaskManager
 
-    def unknown(manager: Any) -> list[str]:
-        return [name for name in plan.tasks if not manager.match_tasks([name])]
+    def unknown(manager: Any) -> list[str]:  # exact names: a glob would pass, then fail later
+        known = set(manager.all_tasks)
+        return [name for name in plan.tasks if name not in known]
 
     paths = list(plan.include_paths)
     if paths:
