@@ -7,8 +7,8 @@ Why lm-eval directly, and not torchtune's ``eleuther_eval`` recipe:
 
 * torchtune 0.6.1's recipe compares ``version("lm-eval") < "0.4.5"`` as *strings*, so it
   refuses every lm-eval from 0.4.10 on ("0.4.13" < "0.4.5"); we would be stuck on 0.4.9.x.
-* It only logs a table (``evaluate()`` returns nothing: scores would be scraped from the log),
-  takes no ``num_fewshot`` and runs on one device.
+* It only logs a table (``evaluate()`` returns nothing: scores would be scraped from the log)
+  and takes no ``num_fewshot``.
 * It rebuilds the model from a torchtune config (builder, checkpointer, torchtune tokenizer
   files). The export is a Hugging Face folder whose top level holds the *merged* model for LoRA
   runs too, so ``HFLM`` loads full and LoRA results alike, with no peft (which refuses this
