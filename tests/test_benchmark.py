@@ -251,7 +251,9 @@ def tasks(tmp_path_factory) -> dict[str, Path]:
     return write_tasks(tmp_path_factory.mktemp("lm-tasks"))
 
 
-def test_local_tasks_run_offline_on_the_tiny_model(tiny, tasks, tmp_path):
+def test_local_tasks_run_offline_on_the_tiny_model(tiny, tasks, tmp_path, monkeypatch):
+    sentinel = "hf_SENTINELlmevalTOKEN0123456789"
+    monkeypatch.setenv("HF_TOKEN", sentinel)  # never in the results, logs or metrics
     hub_offline = os.environ.get("HF_HUB_OFFLINE")
     plan = plan_benchmark(f"{tasks['tiny_mc']},{tasks['tiny_ll']}", batch_size="auto")
     lines: list[str] = []
@@ -259,7 +261,9 @@ def test_local_tasks_run_offline_on_the_tiny_model(tiny, tasks, tmp_path):
                            device="auto", log=lines.append)
     assert result.offline and not result.skipped
     check_scores(result.metrics)
-    saved = json.loads((tmp_path / "r" / "results.json").read_text())
+    text = (tmp_path / "r" / "results.json").read_text()
+    assert sentinel not in text and sentinel not in "\n".join(lines)
+    saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the results JSON"))
     assert saved == result.results and "samples" not in saved
     assert saved["results"]["tiny_mc"]["acc,none"] == result.metrics["tiny_mc/acc"]
     assert saved["n-samples"]["tiny_mc"]["effective"] == len(MC_ROWS)

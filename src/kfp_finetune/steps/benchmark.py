@@ -383,7 +383,8 @@ def run_benchmark(
         raise ConfigError("lm-eval returned no results (a non-zero rank); run the benchmark "
                           "step as one process.")
     output.pop("samples", None)
-    results = json.loads(json.dumps(output, default=str))
+    # Plain JSON: objects as text, NaN/Infinity (which strict parsers refuse) as null.
+    results = json.loads(json.dumps(output, default=str), parse_constant=lambda _: None)
     metrics, skipped = metrics_from_results(results.get("results", {}))
     if results_file is not None:  # staged, then renamed: a reader never sees half a file
         target = Path(results_file)
