@@ -92,7 +92,6 @@ class BenchmarkResult:
     skipped: list[str] = field(default_factory=list)
 
 
-
 def split_list(value: str | Sequence[str]) -> list[str]:
     """Split "a,b , c" (or take a list) into its non-empty, stripped items."""
     items = value.split(",") if isinstance(value, str) else list(value)
@@ -228,7 +227,6 @@ def check_model_folder(model_path: str | Path) -> Path:
                          "(config.json and *.safetensors expected); give the export step's "
                          "'path' output.")
     return folder
-
 
 
 def _lm_eval() -> Any:
