@@ -204,3 +204,16 @@ def test_the_stand_in_refuses_a_body_the_registry_schema_refuses(registry):
     with pytest.raises(urllib.error.HTTPError) as err:  # registeredModelId is required
         urllib.request.urlopen(request, timeout=5)
     assert err.value.code == 400
+
+
+def test_the_component_registers_from_the_export_artifact(registry, tmp_path):
+    from kfp import dsl
+
+    from kfp_finetune.components.register_model import register_model as component
+
+    model = dsl.Model(name="model", uri=str(tmp_path / "model"), metadata=metadata())
+    name, version, uri = component.python_func(model=model, registry_url=registry.url,
+                                               pvc_name=PVC, timeout_s=10)
+    assert (name, version) == ("Llama-3.2-1B-finetuned", "Llama-3.2-1B-finetuned-0b6f1a52")
+    assert uri == f"pvc://{PVC}/output/Llama-3.2-1B-finetuned-0b6f1a52"
+    assert registry.version_of(name, version) is not None

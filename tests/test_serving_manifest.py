@@ -6,8 +6,6 @@ beside each check) and round-tripped through YAML; applying goes through the rea
 Kubernetes tests use.
 """
 
-from __future__ import annotations
-
 import re
 from pathlib import Path
 
@@ -191,3 +189,48 @@ def test_outside_a_pod_the_namespace_must_be_given(tmp_path, monkeypatch, k8s):
     monkeypatch.setattr(sm, "SA_NAMESPACE", Path(tmp_path / "absent"))
     with pytest.raises(ConfigError, match="serve_namespace"):
         apply(k8s, meta("s3://b/m"))
+
+
+def test_the_component_writes_the_manifest_artifact(namespace, tmp_path):
+    from kfp import dsl
+
+    from kfp_finetune.components.serve_model import serve_model
+
+    model = dsl.Model(name="model", uri=str(tmp_path / "model"), metadata=meta("s3://b/m"))
+    out = dsl.Artifact(name="serving_manifest", uri=str(tmp_path / "isvc.yaml"))
+    name, uri, applied = serve_model.python_func(model=model, serving_manifest=out,
+                                                 name="tuned", run_id=RUN_ID, gpus=0)
+    assert (name, uri, applied) == ("tuned", "s3://b/m", "not applied")
+    written = yaml.safe_load((tmp_path / "isvc.yaml").read_text())
+    assert written["kind"] == "InferenceService"
+    assert written["spec"]["predictor"]["model"]["storageUri"] == "s3://b/m"
+    assert out.metadata == {"name": "tuned", "namespace": "team-ml", "storage_uri": "s3://b/m",
+                            "applied": "not applied"}
+
+
+def test_both_steps_compile_after_export_under_a_condition(tmp_path):
+    # How the pipeline wires them: after export, each only when its setting is set.
+    from kfp import compiler, dsl
+
+    from kfp_finetune.components.export_model import export_model
+    from kfp_finetune.components.register_model import register_model
+    from kfp_finetune.components.serve_model import serve_model
+
+    @dsl.pipeline(name="wiring")
+    def wiring(registry_url: str = "", serve_name: str = "", serve_apply: bool = False):
+        export = export_model(runtime="torchtune-llama3.2-tiny")
+        with dsl.If(registry_url != "", name="register"):
+            register_model(model=export.outputs["model"], registry_url=registry_url,
+                           pvc_name="kfp-finetune-x")
+        with dsl.If(serve_name != "", name="serve"):
+            serve_model(model=export.outputs["model"], name=serve_name, apply=serve_apply,
+                        pvc_name="kfp-finetune-x", run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+
+    compiler.Compiler().compile(wiring, str(tmp_path / "p.yaml"))
+    spec = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    conditions = sorted(t["triggerPolicy"]["condition"] for t in spec["root"]["dag"]["tasks"]
+                        .values() if "triggerPolicy" in t)
+    assert len(conditions) == 2
+    assert "registry_url" in conditions[0] and "serve_name" in conditions[1]
+    assert "serving_manifest" in spec["components"]["comp-serve-model"]["outputDefinitions"][
+        "artifacts"]
