@@ -7,8 +7,6 @@ stored: the registered model, the version with its custom properties, the model 
 The export metadata comes from the export step's own ``export_metadata``.
 """
 
-from __future__ import annotations
-
 import socket
 import time
 from pathlib import Path
@@ -217,3 +215,32 @@ def test_the_component_registers_from_the_export_artifact(registry, tmp_path):
     assert (name, version) == ("Llama-3.2-1B-finetuned", "Llama-3.2-1B-finetuned-0b6f1a52")
     assert uri == f"pvc://{PVC}/output/Llama-3.2-1B-finetuned-0b6f1a52"
     assert registry.version_of(name, version) is not None
+
+
+def test_kfp_local_runs_the_step_only_when_a_registry_is_set(registry, tmp_path):
+    # A real kfp.local run (SubprocessRunner): the step takes the Model artifact of the task
+    # before it, and dsl.If on the registry address leaves it out when that is empty.
+    from kfp import dsl, local
+
+    from kfp_finetune.components.register_model import register_model as component
+
+    @dsl.component(base_image="python:3.11", install_kfp_package=False)
+    def exported(model: dsl.Output[dsl.Model]):
+        open(model.path, "w").write("{}")
+        model.metadata.update({"path": "/tmp/ws/output/m-finetuned-r1", "run_id": "r1",
+                               "fingerprint": "fp", "base_model": "hf://o/m",
+                               "destinations": ["s3://b/m-finetuned-r1"], "final_loss": 1.0})
+
+    @dsl.pipeline(name="register-locally")
+    def pipeline(registry_url: str = ""):
+        export = exported()
+        with dsl.If(registry_url != ""):
+            component(model=export.outputs["model"], registry_url=registry_url, timeout_s=10)
+
+    local.init(local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path))
+    pipeline(registry_url=registry.url)
+    mv = registry.version_of("m-finetuned", "m-finetuned-r1")
+    assert registry.artifacts_of(mv["id"])[0]["uri"] == "s3://b/m-finetuned-r1"
+    calls = len(registry.calls)
+    pipeline()
+    assert len(registry.calls) == calls
