@@ -244,3 +244,14 @@ def test_kfp_local_runs_the_step_only_when_a_registry_is_set(registry, tmp_path)
     calls = len(registry.calls)
     pipeline()
     assert len(registry.calls) == calls
+
+
+def test_the_step_also_runs_from_inside_a_running_event_loop(registry):
+    # As in a notebook: the client's calls must not need the caller's loop.
+    import asyncio
+
+    async def inside():
+        return register(registry)
+
+    result, _ = asyncio.run(inside())
+    assert registry.version_of(result.name, result.version) is not None

@@ -39,6 +39,7 @@ from kfp_finetune.steps.serving_manifest import model_uri, run_namespace
 Log = Callable[[str], None]
 
 TOKEN_ENV = "MODEL_REGISTRY_TOKEN"
+CA_ENV = "MODEL_REGISTRY_CA"  # path of a CA bundle for an https registry (optional)
 DEFAULT_TOKEN_SECRET = "model-registry-token"
 MODEL_FORMAT, MODEL_FORMAT_VERSION = "huggingface", "1"
 _EVAL_KEY = re.compile(r"(base_)?eval_\w+")
@@ -129,8 +130,16 @@ def _runner(timeout_s: float) -> Callable[[Any], Any]:
 
     def run(coro: Any) -> Any:
         import asyncio
+        from concurrent.futures import ThreadPoolExecutor
 
-        return asyncio.run(asyncio.wait_for(coro, timeout_s))
+        bounded = asyncio.wait_for(coro, timeout_s)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(bounded)
+        # Called from a running loop (a notebook): run on a loop of its own, in a thread.
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, bounded).result()
 
     return run
 
@@ -214,8 +223,8 @@ def _client(url: str, secure: bool, port: int | None, author: str, token: str | 
     # Port and TLS given explicitly (older clients default to 443 and TLS whatever the
     # scheme); the client probes the server at once (a one-item list of models).
     return ModelRegistry(url, port or (443 if secure else 80), author=author,
-                         is_secure=secure, user_token=token, log_level=logging.ERROR,
-                         async_runner=_runner(timeout_s))
+                         is_secure=secure, user_token=token, custom_ca_envvar=CA_ENV,
+                         log_level=logging.ERROR, async_runner=_runner(timeout_s))
 
 
 def register_model(
