@@ -208,29 +208,56 @@ def test_the_component_writes_the_manifest_artifact(namespace, tmp_path):
                             "applied": "not applied"}
 
 
-def test_both_steps_compile_after_export_under_a_condition(tmp_path):
-    # How the pipeline wires them: after export, each only when its setting is set.
-    from kfp import compiler, dsl
+def _wiring(cluster: bool):
+    from kfp import dsl
 
     from kfp_finetune.components.export_model import export_model
-    from kfp_finetune.components.register_model import register_model
-    from kfp_finetune.components.serve_model import serve_model
+    from kfp_finetune.pipelines.finetune.handoff import HandoffParams, add_handoff
 
     @dsl.pipeline(name="wiring")
-    def wiring(registry_url: str = "", serve_name: str = "", serve_apply: bool = False):
+    def wiring(registry_url: str = "", registry_token_secret: str = "model-registry-token",
+               serve_name: str = "", serve_apply: bool = False):
         export = export_model(runtime="torchtune-llama3.2-tiny")
-        with dsl.If(registry_url != "", name="register"):
-            register_model(model=export.outputs["model"], registry_url=registry_url,
-                           pvc_name="kfp-finetune-x")
-        with dsl.If(serve_name != "", name="serve"):
-            serve_model(model=export.outputs["model"], name=serve_name, apply=serve_apply,
-                        pvc_name="kfp-finetune-x", run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        add_handoff(export, HandoffParams(registry_url=registry_url,
+                                          registry_token_secret=registry_token_secret,
+                                          serve_name=serve_name, serve_apply=serve_apply),
+                    pvc_name="kfp-finetune-x" if cluster else "", cluster=cluster)
 
-    compiler.Compiler().compile(wiring, str(tmp_path / "p.yaml"))
-    spec = yaml.safe_load((tmp_path / "p.yaml").read_text())
-    conditions = sorted(t["triggerPolicy"]["condition"] for t in spec["root"]["dag"]["tasks"]
-                        .values() if "triggerPolicy" in t)
+    return wiring
+
+
+@pytest.mark.parametrize("cluster", [True, False])
+def test_both_steps_compile_after_export_each_under_its_setting(tmp_path, cluster):
+    from backend_rules import secret_names, strict_parse, unlisted_features
+    from kfp import compiler
+
+    compiler.Compiler().compile(_wiring(cluster), str(tmp_path / "p.yaml"))
+    docs = list(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
+    spec, platform = docs[0], (docs[1] if len(docs) > 1 else None)
+    conditions = {name: t["triggerPolicy"]["condition"] for name, t in
+                  spec["root"]["dag"]["tasks"].items() if "triggerPolicy" in t}
     assert len(conditions) == 2
-    assert "registry_url" in conditions[0] and "serve_name" in conditions[1]
+    assert "registry_url" in conditions["condition-1"]
+    assert "serve_name" in conditions["condition-2"]
     assert "serving_manifest" in spec["components"]["comp-serve-model"]["outputDefinitions"][
         "artifacts"]
+    # The backend's rules the rest of the pipeline obeys (tests/backend_rules.py).
+    assert strict_parse(spec, platform) == []
+    assert unlisted_features(spec, platform) == []
+    assert secret_names(spec, platform, {"registry_token_secret": "model-registry-token"},
+                        {}) == []
+    env = (platform or {}).get("platforms", {}).get("kubernetes", {}).get(
+        "deploymentSpec", {}).get("executors", {}).get("exec-register-model", {})
+    if cluster:
+        [secret] = env["secretAsEnv"]
+        assert secret["keyToEnv"] == [{"secretKey": "MODEL_REGISTRY_TOKEN",
+                                       "envVar": "MODEL_REGISTRY_TOKEN"}]
+        assert secret["optional"] is True
+    else:
+        assert env == {}
+
+
+def test_apply_outside_a_cluster_says_to_apply_the_artifact(namespace, monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(ConfigError, match="kubectl apply -f"):
+        sm.serving_manifest(meta("s3://b/m"), name="tuned", apply=True, log=lambda _: None)

@@ -248,7 +248,13 @@ def apply_inference_service(
     from urllib3.exceptions import HTTPError
 
     if api_client is None:
-        config.load_incluster_config()
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            raise ConfigError(
+                "serve_apply needs the Kubernetes API of a cluster run (no in-cluster service "
+                "account here); apply the serving_manifest artifact yourself: kubectl apply -f"
+            ) from None
         api_client = client.ApiClient()
     api = client.CustomObjectsApi(api_client)
     name = manifest["metadata"]["name"]
