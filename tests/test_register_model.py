@@ -255,3 +255,47 @@ def test_the_step_also_runs_from_inside_a_running_event_loop(registry):
 
     result, _ = asyncio.run(inside())
     assert registry.version_of(result.name, result.version) is not None
+
+
+@pytest.mark.slow
+def test_a_real_export_is_registered_and_gets_its_manifest(tiny, tmp_path, registry,
+                                                           monkeypatch):
+    # Real torchtune training of the tiny fixture (CPU, one epoch), the export step, then
+    # both hand-off steps on its summary, as the components get it from the Model artifact.
+    import yaml
+
+    from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
+    from kfp_finetune.steps import fine_tune as finetune
+    from kfp_finetune.steps import initializers as steps
+    from kfp_finetune.steps import serving_manifest as sm
+    from kfp_finetune.steps.export_model import export_model
+
+    quiet = lambda _: None  # noqa: E731
+    runtime = "torchtune-llama3.2-tiny"
+    config = TorchTuneConfig(epochs=1, batch_size=8, resources_per_node={"gpu": 0})
+    ws = tmp_path / "ws"
+    steps.initialize_dataset(ws, str(tiny["alpaca"] / "data"), TorchTuneInstructDataset(),
+                             log=quiet)
+    steps.initialize_model(ws, str(tiny["llama3_2"]), runtime, config, log=quiet)
+    finetune.run_fine_tune(ws, runtime, config, log=quiet)
+    summary = export_model(ws, runtime, run_id=RUN_ID, log=quiet)
+    meta = {**summary.metadata, "destinations": summary.destinations}
+
+    result = register_model(meta, registry.url, pvc_name=PVC, workspace_root=str(ws),
+                            namespace="team-ml", timeout_s=10, log=quiet)
+    folder = Path(summary.path).name
+    assert result.uri == f"pvc://{PVC}/output/{folder}" and result.version == folder
+    props = registry.plain(registry.version_of(result.name, result.version)["customProperties"])
+    assert props["final_loss"] == pytest.approx(summary.metadata["final_loss"])
+    assert props["fingerprint"] == summary.metadata["fingerprint"]
+    assert props["hyperparameters.batch_size"] == 8 and props["hyperparameters.epochs"] == 1
+
+    monkeypatch.setattr(sm, "SA_NAMESPACE", tmp_path / "absent")
+    manifest, _ = sm.serving_manifest(meta, pvc_name=PVC, workspace_root=str(ws),
+                                      namespace="team-ml", gpus=0, log=quiet)
+    isvc = yaml.safe_load(sm.to_yaml(manifest))
+    assert isvc["spec"]["predictor"]["model"]["storageUri"] == result.uri
+    assert isvc["metadata"]["name"] == folder.lower().replace(".", "-").replace("_", "-")
+    # What KServe will load from that folder: a Hugging Face model (config + weights).
+    assert (Path(summary.path) / "config.json").is_file()
+    assert list(Path(summary.path).glob("*.safetensors"))

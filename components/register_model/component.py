@@ -15,6 +15,7 @@ def register_model(
     version: str = "",
     author: str = "kfp-finetune",
     pvc_name: str = "",
+    workspace_path: str = "/workspace",
     timeout_s: int = 60,
 ) -> NamedTuple("Registration", [("name", str), ("version", str), ("uri", str)]):
     """Register the export (the export step's Model artifact) with the Model Registry.
@@ -32,6 +33,7 @@ def register_model(
         version: Version name ("" for the export folder's name, which carries the run id).
         author: Author and owner recorded in the registry.
         pvc_name: The workspace volume holding the export ("" when there is none).
+        workspace_path: Where that volume was mounted in the export task.
         timeout_s: Longest wait for any one registry call, in seconds.
 
     Returns:
@@ -44,5 +46,6 @@ def register_model(
 
         result = register(dict(model.metadata), registry_url, name=model_name,
                           version=version, author=author, pvc_name=pvc_name,
+                          workspace_root=workspace_path,
                           timeout_s=float(timeout_s))
         return (result.name, result.version, result.uri)

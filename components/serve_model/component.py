@@ -15,6 +15,7 @@ def serve_model(
     namespace: str = "",
     apply: bool = False,
     pvc_name: str = "",
+    workspace_path: str = "/workspace",
     run_id: str = "",
     gpus: int = 1,
     cpu: str = "",
@@ -37,6 +38,7 @@ def serve_model(
         namespace: Its namespace ("" for the run's).
         apply: Also create or update it through the Kubernetes API.
         pvc_name: The workspace volume holding the export ("" when there is none).
+        workspace_path: Where that volume was mounted in the export task.
         run_id: The KFP run id (an annotation).
         gpus: GPUs of the predictor (0: CPU, Hugging Face backend).
         cpu: CPU request and limit ("" for 4 with GPUs, 2 without).
@@ -55,7 +57,8 @@ def serve_model(
         from kfp_finetune.steps.serving_manifest import to_yaml
 
         manifest, applied = build(
-            dict(model.metadata), name=name, pvc_name=pvc_name, namespace=namespace,
+            dict(model.metadata), name=name, pvc_name=pvc_name, workspace_root=workspace_path,
+            namespace=namespace,
             apply=apply, run_id=run_id, gpus=gpus, cpu=cpu, memory=memory,
             max_model_len=max_model_len, runtime=runtime, service_account=service_account)
         with open(serving_manifest.path, "w") as handle:

@@ -20,6 +20,7 @@ from kfp import dsl, kubernetes
 from kfp_finetune.components.register_model import register_model
 from kfp_finetune.components.serve_model import serve_model
 from kfp_finetune.steps.register_model import TOKEN_ENV
+from kfp_finetune.storage.workspace import WORKSPACE_MOUNT
 
 # A few seconds of HTTP calls each.
 HANDOFF_CPU_REQUEST = "100m"
@@ -48,7 +49,8 @@ class HandoffParams:
 
 
 def add_handoff(
-    export: dsl.PipelineTask, p: HandoffParams, *, pvc_name: Any = "", cluster: bool = True
+    export: dsl.PipelineTask, p: HandoffParams, *, pvc_name: Any = "",
+    workspace: str = WORKSPACE_MOUNT, cluster: bool = True,
 ) -> None:
     """Add register-model and serve-model after ``export`` (each under its own ``dsl.If``).
 
@@ -56,13 +58,14 @@ def add_handoff(
         export: The export task (its ``model`` output).
         p: The settings.
         pvc_name: The workspace volume's name (check-config's ``pvc_name``; "" locally).
+        workspace: Where the export task mounted it (the pipeline's workspace path).
         cluster: Compiling for a cluster (Secret, resources, timeout); False for kfp.local.
     """
     with dsl.If(p.registry_url != "", name="model-registry"):
         reg = register_model(
             model=export.outputs["model"], registry_url=p.registry_url,
             model_name=p.registry_model_name, version=p.registry_version,
-            author=p.registry_author, pvc_name=pvc_name)
+            author=p.registry_author, pvc_name=pvc_name, workspace_path=workspace)
         reg.set_display_name("register-model")
         reg.set_caching_options(False)  # it writes to a registry
         if cluster:
@@ -73,7 +76,8 @@ def add_handoff(
     with dsl.If(p.serve_name != "", name="kserve"):
         serve = serve_model(
             model=export.outputs["model"], name=p.serve_name, namespace=p.serve_namespace,
-            apply=p.serve_apply, pvc_name=pvc_name, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            apply=p.serve_apply, pvc_name=pvc_name, workspace_path=workspace,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             gpus=p.serve_gpus, cpu=p.serve_cpu, memory=p.serve_memory,
             max_model_len=p.serve_max_model_len, runtime=p.serve_runtime,
             service_account=p.serve_service_account)

@@ -35,6 +35,7 @@ from urllib.parse import urlparse
 
 from kfp_finetune.errors import ConfigError, SourceError
 from kfp_finetune.steps.serving_manifest import model_uri, run_namespace
+from kfp_finetune.storage.workspace import WORKSPACE_MOUNT
 
 Log = Callable[[str], None]
 
@@ -235,6 +236,7 @@ def register_model(
     version: str = "",
     author: str = "kfp-finetune",
     pvc_name: str = "",
+    workspace_root: str = WORKSPACE_MOUNT,
     namespace: str = "",
     timeout_s: float = 60.0,
     client: Any = None,
@@ -249,6 +251,7 @@ def register_model(
         version: Version name ("" for the export folder's name).
         author: Author and owner recorded.
         pvc_name: The workspace volume holding the export ("" outside a cluster).
+        workspace_root: Where that volume was mounted in the export's pod.
         namespace: The run's namespace (the artifact's source group; "" for the pod's).
         timeout_s: Longest wait for any one registry call.
         client: A ``ModelRegistry`` to use (None: :func:`connect`).
@@ -259,7 +262,7 @@ def register_model(
         SourceError: The registry cannot be reached, times out or fails.
     """
     name, version = default_names(metadata, name, version)
-    uri = model_uri(metadata, pvc_name, allow_local=True)
+    uri = model_uri(metadata, pvc_name, workspace_root, allow_local=True)
     props = registry_properties(metadata)
     run_id = str(metadata.get("run_id") or "")
     namespace = namespace or run_namespace()

@@ -302,6 +302,7 @@ def serving_manifest(
     *,
     name: str = "",
     pvc_name: str = "",
+    workspace_root: str = WORKSPACE_MOUNT,
     namespace: str = "",
     apply: bool = False,
     run_id: str = "",
@@ -315,6 +316,7 @@ def serving_manifest(
         metadata: The export's metadata (``path``, ``destinations``).
         name: InferenceService name ("" derives it from the export folder).
         pvc_name: The workspace volume ("" for none: the model must have been pushed).
+        workspace_root: Where that volume was mounted in the export's pod.
         namespace: Its namespace ("" for the run's own).
         apply: Create or update it in the cluster too.
         run_id: The KFP run id (an annotation).
@@ -329,7 +331,7 @@ def serving_manifest(
     Raises:
         ConfigError: Bad settings, a model the cluster cannot reach, or a refused apply.
     """
-    uri = model_uri(metadata, pvc_name)
+    uri = model_uri(metadata, pvc_name, workspace_root)
     own = run_namespace()
     namespace = namespace or own
     if uri.startswith("pvc://") and own and namespace != own:
