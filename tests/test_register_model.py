@@ -299,3 +299,13 @@ def test_a_real_export_is_registered_and_gets_its_manifest(tiny, tmp_path, regis
     # What KServe will load from that folder: a Hugging Face model (config + weights).
     assert (Path(summary.path) / "config.json").is_file()
     assert list(Path(summary.path).glob("*.safetensors"))
+
+
+def test_an_https_registry_without_any_token_is_refused_before_a_call(monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    monkeypatch.delenv("KF_PIPELINES_SA_TOKEN_PATH", raising=False)
+    if Path("/var/run/secrets/kubernetes.io/serviceaccount/token").exists():
+        pytest.skip("this machine has a service-account token, which the client would use")
+    with pytest.raises(ConfigError, match=f"user token must be provided.*{TOKEN_ENV}"):
+        register_model(metadata(), "https://127.0.0.1:1", pvc_name=PVC, timeout_s=2,
+                       log=lambda _: None)

@@ -174,7 +174,9 @@ def _failure(exc: BaseException, url: str, timeout_s: float) -> ConfigError | So
         return SourceError(f"cannot reach the Model Registry at {url} ({type(exc).__name__}); "
                            "check registry_url and the network policy, then retry.")
     if isinstance(exc, StoreError):
-        return ConfigError(f"the Model Registry client refused: {exc}")
+        return ConfigError(f"the Model Registry client refused: {exc}; for an https registry "
+                           f"put a token in the Secret named by registry_token_secret (key "
+                           f"{TOKEN_ENV}) or run where the pod's service-account token is.")
     raise exc
 
 
