@@ -13,6 +13,7 @@ from kfp_finetune.components.check_config import check_config
 from kfp_finetune.components.cleanup_workspace import cleanup_workspace
 from kfp_finetune.components.create_workspace import create_workspace
 from kfp_finetune.config.runtimes import Runtime
+from kfp_finetune.config.tracking import TRACKING_SECRET_KEYS
 from kfp_finetune.steps.check_config import GPU_RESOURCE
 from kfp_finetune.storage.credentials import HF_TOKEN_ENV, S3_SECRET_KEYS
 from kfp_finetune.storage.workspace import WORKSPACE_MOUNT
@@ -91,6 +92,7 @@ class ClusterParams:
     tolerations: Any
     cpu_request: Any
     memory_request: Any
+    tracking_secret: Any = None  # MLflow / W&B credentials; None: not mounted
 
 
 def cluster_prelude(
@@ -163,6 +165,8 @@ def apply_cluster_settings(
             secret_key_to_env={key: key for key in S3_SECRET_KEYS}, optional=True,
         )
         task.set_cpu_request(CPU_TASK_CPU_REQUEST).set_memory_request(CPU_TASK_MEMORY_REQUEST)
+    if p.tracking_secret is not None:
+        use_tracking_secret((t.train, t.export), p.tracking_secret)
     t.tokenize.set_cpu_request(TOKENIZE_CPU_REQUEST).set_memory_request(CPU_TASK_MEMORY_REQUEST)
     for task in (t.data, t.model, t.tokenize):
         # Retries are allowed for as long as an attempt may take (Argo's default is 1 h from
@@ -194,3 +198,16 @@ def apply_cluster_settings(
     kubernetes.empty_dir_mount(train, volume_name="dshm", mount_path="/dev/shm",
                                medium="Memory", size_limit=ops.shm_size)
     kubernetes.set_timeout(train, ops.timeout_s)
+
+
+def use_tracking_secret(tasks: Any, secret_name: Any) -> None:
+    """Fill the tracker credentials of ``tasks`` from a Secret (it and each key optional).
+
+    The fine-tune task logs to MLflow / W&B while training, the export task records where the
+    model went; both read ``TRACKING_SECRET_KEYS`` from the environment, never a parameter.
+    """
+    for task in tasks:
+        kubernetes.use_secret_as_env(
+            task, secret_name=secret_name,
+            secret_key_to_env={key: key for key in TRACKING_SECRET_KEYS}, optional=True,
+        )

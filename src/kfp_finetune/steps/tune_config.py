@@ -33,6 +33,7 @@ from kfp_finetune.errors import ConfigError
 from kfp_finetune.steps.dataset_plan import DatasetPlan
 from kfp_finetune.steps.gpu_defaults import cap_warmup, memory_defaults
 from kfp_finetune.steps.model_check import ModelInfo
+from kfp_finetune.steps.tracking_run import metric_logger_conf
 
 # Builders of the -tiny runtimes (module kfp_finetune.plugins.hf_models), by (family, LoRA).
 BUILDERS = {
@@ -329,11 +330,7 @@ def render_config(
         device=choice.device,
         seed=cfg.seed,
         resume_from_checkpoint=False,
-        metric_logger={
-            "_component_": "torchtune.training.metric_logging.DiskLogger",
-            "log_dir": str(output_dir / "logs"),
-            "filename": "metrics.txt",
-        },
+        metric_logger=metric_logger_conf(output_dir),
         log_every_n_steps=1,
     )
     if cfg.peft is not None:
