@@ -5,8 +5,6 @@ starts on 127.0.0.1 and stops; they query it with ``MlflowClient``. W&B has no s
 runs here: its tests use ``WANDB_MODE=offline`` and read the run's local files.
 """
 
-from __future__ import annotations
-
 import os
 import socket
 import subprocess
@@ -156,7 +154,7 @@ def test_the_tracking_secret_reaches_the_tasks_as_optional_env(tmp_path):
     from kfp_finetune.pipelines.finetune.cluster import use_tracking_secret
 
     @dsl.component(base_image="python:3.11-slim")
-    def step() -> None:
+    def step():
         pass
 
     @dsl.pipeline(name="tracking-secret")
