@@ -241,9 +241,10 @@ def untracked(tiny, tmp_path_factory):
 
 def _same_metrics(result, untracked) -> None:
     assert result.metrics["steps"] == untracked.metrics["steps"] > 0
-    assert result.losses == pytest.approx(untracked.losses, rel=1e-6)
-    assert result.metrics["final_loss"] == result.losses[-1][1] == pytest.approx(
-        untracked.metrics["final_loss"], rel=1e-6)
+    # fp32 on CPU with the same seed is deterministic (measured: identical to the last bit).
+    assert result.losses == untracked.losses
+    assert result.metrics["final_loss"] == result.losses[-1][1] == untracked.metrics["final_loss"]
+    assert result.metrics["best_loss"] == untracked.metrics["best_loss"]
 
 
 def _text_files(root: Path) -> dict[Path, str]:
