@@ -255,24 +255,55 @@ def _text_files(root: Path) -> dict[Path, str]:
     return out
 
 
+def _wandb_payloads(path: Path):
+    """The records of a W&B transaction log (``run-<id>.wandb``), as protobuf bytes.
+
+    The framing is LevelDB's log format as W&B writes it (wandb's former
+    ``wandb/sdk/internal/datastore.py``, ``DataStore.scan_data``; wandb-core's leveldb writer):
+    a 7-byte file header ``<4sHB`` (``:W&B``, 0xBEE1, version), then 32 KiB blocks of records,
+    each a 7-byte header ``<IHB`` (checksum, length, type FULL=1 FIRST=2 MIDDLE=3 LAST=4) and
+    its data; a block's tail shorter than a header is padding.
+    """
+    import struct
+
+    data = path.read_bytes()
+    ident, magic, _ = struct.unpack("<4sHB", data[:7])
+    assert (ident, magic) == (b":W&B", 0xBEE1)
+    pos, parts = 7, b""
+    while pos + 7 <= len(data):
+        room = 32768 - pos % 32768
+        if room < 7:
+            pos += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:  # zero padding at the end of a block
+            pos += room
+            continue
+        parts += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            yield parts
+            parts = b""
+
+
 def _wandb_records(run_dir: Path) -> tuple[dict, list[dict]]:
     """Config and history of an offline W&B run, read from its transaction log."""
+    import json
+
     from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
 
     config: dict = {}
     history: list[dict] = []
-    store = datastore.DataStore()
-    store.open_for_scan(str(next(run_dir.glob("run-*.wandb"))))
-    while (data := store.scan_data()) is not None:
+    for payload in _wandb_payloads(next(run_dir.glob("run-*.wandb"))):
         record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
+        record.ParseFromString(payload)
         kind = record.WhichOneof("record_type")
         if kind == "config":
             for item in record.config.update:
-                config[item.key] = yaml.safe_load(item.value_json)
+                key = item.key or "/".join(item.nested_key)
+                config[key] = json.loads(item.value_json)
         elif kind == "history":
-            history.append({item.key: yaml.safe_load(item.value_json)
+            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                             for item in record.history.item})
     return config, history
 

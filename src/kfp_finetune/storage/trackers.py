@@ -59,15 +59,23 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+_MLFLOW_SET: dict[str, str] = {}  # the request bounds this process set (not the user's)
+
+
 def bound_mlflow_requests() -> None:
     """Bound every MLflow HTTP request of this process (its defaults: 120 s, 7 retries).
 
     The MLflow client reads these variables at each request (``mlflow/utils/rest_utils.py``,
-    ``http_request``); a value the user set in the environment is kept.
+    ``http_request``). A value the user set in the environment is kept; one this function set
+    earlier follows the current network timeout.
     """
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(network_timeout()))))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    wanted = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(network_timeout()))),
+              "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+              "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    for name, value in wanted.items():
+        current = os.environ.get(name)
+        if current is None or current == _MLFLOW_SET.get(name):
+            os.environ[name] = _MLFLOW_SET[name] = value
 
 
 class MlflowRun:
