@@ -385,3 +385,23 @@ def test_a_tracker_that_never_answers_costs_one_bounded_warning_and_training_goe
     assert all("MLflow" in w and "timeout" in w and "training goes on" in w for w in warnings)
     assert seconds < untracked.seconds + 120
     assert state_path(Workspace.at(ws).checkpoints_dir).exists() is False
+
+
+def test_mlflow_requests_are_bounded_by_the_network_timeout_and_a_users_choice_is_kept(
+        monkeypatch):
+    # mlflow/utils/rest_utils.py http_request reads these variables at every request; its
+    # defaults (120 s, 7 retries with backoff) would let a dead tracker stall a step for long.
+    from kfp_finetune.storage.trackers import bound_mlflow_requests
+
+    for name in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "KFP_FINETUNE_MLFLOW_BOUNDS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KFP_FINETUNE_NETWORK_TIMEOUT_S", "7")
+    bound_mlflow_requests()
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+    monkeypatch.setenv("KFP_FINETUNE_NETWORK_TIMEOUT_S", "3")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")  # the user's own choice
+    bound_mlflow_requests()
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "3"  # ours follows the timeout
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"

@@ -59,23 +59,28 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-_MLFLOW_SET: dict[str, str] = {}  # the request bounds this process set (not the user's)
+_MLFLOW_SET = "KFP_FINETUNE_MLFLOW_BOUNDS"  # which bounds kfp-finetune set (child processes too)
 
 
 def bound_mlflow_requests() -> None:
     """Bound every MLflow HTTP request of this process (its defaults: 120 s, 7 retries).
 
     The MLflow client reads these variables at each request (``mlflow/utils/rest_utils.py``,
-    ``http_request``). A value the user set in the environment is kept; one this function set
-    earlier follows the current network timeout.
+    ``http_request``). A value the user set in the environment is kept; one that kfp-finetune
+    set earlier (in this process or the parent) follows the current network timeout.
     """
     wanted = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(network_timeout()))),
               "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    try:
+        ours = json.loads(os.environ.get(_MLFLOW_SET, "{}"))
+    except ValueError:
+        ours = {}
     for name, value in wanted.items():
         current = os.environ.get(name)
-        if current is None or current == _MLFLOW_SET.get(name):
-            os.environ[name] = _MLFLOW_SET[name] = value
+        if current is None or current == ours.get(name):
+            os.environ[name] = ours[name] = value
+    os.environ[_MLFLOW_SET] = json.dumps(ours)
 
 
 class MlflowRun:
