@@ -20,9 +20,10 @@ from kfp_finetune.config.overrides import check_override
 from kfp_finetune.config.tracking import TrackingConfig, tracking_config
 from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.errors import ConfigError
-from kfp_finetune.steps import initializers as steps
+from kfp_finetune.steps.dataset_initializer import initialize_dataset
 from kfp_finetune.steps.export_model import export_model
 from kfp_finetune.steps.fine_tune import run_fine_tune
+from kfp_finetune.steps.model_initializer import initialize_model
 from kfp_finetune.steps.tracking_run import check_tracking, metric_logger_conf, state_path
 from kfp_finetune.steps.training_log import read_metric_rows, read_metrics
 from kfp_finetune.storage.workspace import Workspace
@@ -91,13 +92,13 @@ def test_a_bad_tracking_uri_is_refused_up_front_without_echoing_a_secret(uri, fr
     with pytest.raises(ConfigError) as err:
         tracking_config(mlflow_tracking_uri=uri)
     assert fragment in str(err.value)
-    assert "mlflow_tracking_uri=" in str(err.value)
+    assert "track_mlflow_uri=" in str(err.value)
     assert SENTINEL not in str(err.value)
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    ({"mlflow_experiment": "exp"}, "mlflow_tracking_uri is empty"),
-    ({"wandb_entity": "team"}, "wandb_project is empty"),
+    ({"mlflow_experiment": "exp"}, "track_mlflow_uri is empty"),
+    ({"wandb_entity": "team"}, "track_wandb_project is empty"),
     ({"wandb_project": "a/b"}, "not a valid W&B project name"),
     ({"wandb_project": "p", "wandb_entity": "team name"}, "not a valid W&B entity name"),
     ({"mlflow_tracking_uri": "http://m:5000", "mlflow_experiment": "a\nb"}, "experiment name"),
@@ -226,9 +227,9 @@ def quiet(_: str) -> None:
 
 
 def _workspace(tiny, root: Path) -> Path:
-    steps.initialize_dataset(root, str(tiny["alpaca"] / "data"), TorchTuneInstructDataset(),
+    initialize_dataset(root, str(tiny["alpaca"] / "data"), TorchTuneInstructDataset(),
                              log=quiet)
-    steps.initialize_model(root, str(tiny["llama3_2"]), RUNTIME, CONFIG, log=quiet)
+    initialize_model(root, str(tiny["llama3_2"]), RUNTIME, CONFIG, log=quiet)
     return root
 
 
@@ -405,3 +406,51 @@ def test_mlflow_requests_are_bounded_by_the_network_timeout_and_a_users_choice_i
     bound_mlflow_requests()
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "3"  # ours follows the timeout
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"
+
+
+# --------------------------------------------------------------------------- the local pipeline
+
+
+def _local_args(tiny, ws, *extra):
+    return ["run", "--local", "--runtime", RUNTIME, "--model-uri", str(tiny["llama3_2"]),
+            "--dataset-uri", f"file://{tiny['alpaca']}/data", "--workspace", str(ws), *extra]
+
+
+def test_the_cli_refuses_a_bad_tracking_uri_before_anything_runs(tiny, tmp_path, capsys):
+    from kfp_finetune.drivers.cli import main
+
+    bad = f"http://user:{SENTINEL}@mlflow:5000"
+    assert main(_local_args(tiny, tmp_path / "ws", "--track-mlflow-uri", bad)) != 0
+    captured = capsys.readouterr()
+    assert "track_mlflow_uri=" in captured.err + captured.out
+    assert SENTINEL not in captured.err + captured.out
+    assert not (tmp_path / "ws" / "output").exists()
+
+
+@pytest.mark.slow
+def test_a_local_pipeline_run_with_mlflow_tracking_shows_in_the_server(
+        tiny, tmp_path, mlflow_server, capsys, monkeypatch):
+    import re
+
+    from mlflow.tracking import MlflowClient
+
+    from kfp_finetune.drivers.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", SENTINEL)
+    ws = tmp_path / "ws"
+    assert main(_local_args(tiny, ws, "--epochs", "1", "--export-name", "tracked-local",
+                            "--track-mlflow-uri", mlflow_server,
+                            "--track-mlflow-experiment", "local-pipeline",
+                            "--track-run-name", "local")) == 0
+    out = capsys.readouterr().out
+    printed = [float(m.group(1)) for m in re.finditer(r"^\s+step\s+\d+\s+loss (\S+)$", out, re.M)]
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("local-pipeline").experiment_id])
+    assert run.info.run_name == "local" and run.info.status == "FINISHED"
+    assert run.data.params["runtime"] == RUNTIME
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert len(history) == len(printed) > 0  # every step the run printed (our Metrics)
+    assert [v for _, v in history] == pytest.approx(printed, rel=1e-3)  # printed rounded
+    assert run.data.metrics["steps"] == len(printed)
+    assert run.data.tags["kfp_finetune.model_path"] == str(ws / "output" / "tracked-local")
+    assert "[tracking] warning" not in out and SENTINEL not in out

@@ -91,16 +91,16 @@ def check_mlflow_uri(uri: str) -> str:
     hint = ("write http(s)://host[:port][/path] of an MLflow tracking server, e.g. "
             "http://mlflow.mlflow.svc:5000")
     if not isinstance(uri, str) or uri != uri.strip() or not uri:
-        raise ConfigError(f"mlflow_tracking_uri={shown!r} is empty or has spaces; {hint}.")
+        raise ConfigError(f"track_mlflow_uri={shown!r} is empty or has spaces; {hint}.")
     parts = urllib.parse.urlsplit(uri)
     if parts.scheme not in ("http", "https"):
         raise ConfigError(
-            f"mlflow_tracking_uri={shown!r} has scheme {parts.scheme or 'none'!r}; {hint} "
+            f"track_mlflow_uri={shown!r} has scheme {parts.scheme or 'none'!r}; {hint} "
             "(local file or database stores are not reachable from a pipeline's pods)."
         )
     if "@" in parts.netloc or parts.query or parts.fragment:
         raise ConfigError(
-            f"mlflow_tracking_uri={shown!r} carries credentials or a query; credentials come "
+            f"track_mlflow_uri={shown!r} carries credentials or a query; credentials come "
             "only from the tracking Secret (MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME "
             f"and MLFLOW_TRACKING_PASSWORD); {hint}."
         )
@@ -109,7 +109,7 @@ def check_mlflow_uri(uri: str) -> str:
     except ValueError:
         host = None
     if not host or re.search(r"[\s<>\"{}|\\^`]", uri):
-        raise ConfigError(f"mlflow_tracking_uri={shown!r} has no valid host or port; {hint}.")
+        raise ConfigError(f"track_mlflow_uri={shown!r} has no valid host or port; {hint}.")
     return uri.rstrip("/")
 
 
@@ -144,27 +144,28 @@ def tracking_config(
     project, entity = (wandb_project or "").strip(), (wandb_entity or "").strip()
     if experiment and not uri:
         raise ConfigError(
-            f"mlflow_experiment={experiment!r} is set but mlflow_tracking_uri is empty; give "
+            f"track_mlflow_experiment={experiment!r} is set but track_mlflow_uri is empty; give "
             "the MLflow tracking server's URL too, or leave both empty."
         )
     if entity and not project:
         raise ConfigError(
-            f"wandb_entity={entity!r} is set but wandb_project is empty; give the W&B project "
-            "too, or leave both empty."
+            f"track_wandb_entity={entity!r} is set but track_wandb_project is empty; give the "
+            "W&B project too, or leave both empty."
         )
     if uri:
         uri = check_mlflow_uri(uri)
-        experiment = _check_name(experiment or DEFAULT_MLFLOW_EXPERIMENT, "mlflow_experiment",
+        experiment = _check_name(experiment or DEFAULT_MLFLOW_EXPERIMENT,
+                                 "track_mlflow_experiment",
                                  _PRINTABLE, "MLflow experiment name (1-500 printable "
                                  "characters)")
     if project:
-        _check_name(project, "wandb_project", _WANDB_NAME,
+        _check_name(project, "track_wandb_project", _WANDB_NAME,
                     "W&B project name (1-128 characters, none of / \\ # ? % : or spaces)")
     if entity:
-        _check_name(entity, "wandb_entity", _WANDB_NAME,
+        _check_name(entity, "track_wandb_entity", _WANDB_NAME,
                     "W&B entity name (1-128 characters, none of / \\ # ? % : or spaces)")
     if run_name:
-        _check_name(run_name, "run_name", _PRINTABLE, "run name (1-500 printable characters)")
+        _check_name(run_name, "track_run_name", _PRINTABLE, "run name (1-500 printable characters)")
     config = TrackingConfig(uri, experiment, project, entity, run_name or "")
     return config if config.enabled else None
 
