@@ -40,6 +40,7 @@ def fine_tune(
     max_steps_per_epoch: int = 0,
     seed: int = 42,
     overrides: list = [],
+    eval_split: str = "",
 ) -> NamedTuple("TrainInfo", [("final_loss", float), ("steps", int), ("checkpoint_dir", str)]):
     """Render the torchtune config, run `tune run` and stream its log.
 
@@ -78,6 +79,8 @@ def fine_tune(
         max_steps_per_epoch: Stop each epoch after this many steps (0: no limit).
         seed: Random seed.
         overrides: Raw torchtune key=value overrides, applied last.
+        eval_split: Held-out split, e.g. train[95%:], disjoint from split: its loss and
+            perplexity are measured for the base and the fine-tuned model ("" for none).
 
     Returns:
         final_loss, steps and the checkpoint folder.
@@ -87,7 +90,7 @@ def fine_tune(
     with step_errors("fine-tune", workspace_path):
         from kfp_finetune.config.params import config_from_params
         from kfp_finetune.steps.fine_tune import run_fine_tune
-        from kfp_finetune.steps.report import loss_curve_html
+        from kfp_finetune.steps.report import eval_references, loss_curve_html
 
         config = config_from_params(
             dtype=dtype, batch_size=batch_size, epochs=epochs, loss=loss, num_nodes=num_nodes,
@@ -101,11 +104,12 @@ def fine_tune(
             activation_checkpointing=activation_checkpointing,
             max_steps_per_epoch=max_steps_per_epoch, seed=seed, overrides=overrides,
         )
-        result = run_fine_tune(workspace_path, runtime, config)
+        result = run_fine_tune(workspace_path, runtime, config, eval_split=eval_split)
         for key, value in result.metrics.items():
             if value is not None:
                 metrics.log_metric(key, value)
         metrics.log_metric("resumed_from_epoch", result.resumed_from_epoch)
         with open(loss_curve.path, "w") as handle:
-            handle.write(loss_curve_html(result.losses, f"{runtime}: training loss"))
+            handle.write(loss_curve_html(result.losses, f"{runtime}: training loss",
+                                         eval_references(result.metrics)))
         return (result.final_loss, len(result.losses), result.checkpoint_dir)

@@ -21,11 +21,12 @@ import subprocess
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from kfp_finetune.config.runtimes import Runtime, get_runtime
+from kfp_finetune.config.splits import check_eval_split
 from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.errors import (
     DatasetError,
@@ -50,6 +51,7 @@ from kfp_finetune.steps.completion import (
 from kfp_finetune.steps.dataset_plan import DatasetPlan, plan_dataset
 from kfp_finetune.steps.gpu_defaults import detect_gpu_memory_gib
 from kfp_finetune.steps.gpus import check_gpus_visible
+from kfp_finetune.steps.held_out import HeldOut, prepare_held_out
 from kfp_finetune.steps.model_check import check_model
 from kfp_finetune.steps.tokenize_dataset import pretokenized_conf
 from kfp_finetune.steps.training_log import losses, read_metric_rows, read_metrics, summarize
@@ -96,7 +98,9 @@ class TrainSummary:
         seconds: Wall time of ``tune run`` in this attempt.
         skipped: True when a finished run was found and nothing was trained.
         resumed_from_epoch: Epochs already done when this attempt started (0 = fresh start).
-        metrics: final/best loss, steps, trainable tokens/s, peak memory.
+        metrics: final/best loss, steps, trainable tokens/s, peak memory; with an
+            ``eval_split``, also the held-out ``eval_loss``/``eval_perplexity`` of the
+            fine-tuned model and ``eval_loss_base``/``eval_perplexity_base`` of the base model.
     """
 
     checkpoint_dir: str
@@ -148,6 +152,8 @@ def run_fine_tune(
     runtime_name: str,
     config: TorchTuneConfig,
     log: Any = _print,
+    *,
+    eval_split: str | None = None,
 ) -> TrainSummary:
     """Render the torchtune config, run ``tune run`` and stream its log.
 
@@ -156,11 +162,15 @@ def run_fine_tune(
         runtime_name: Runtime name.
         config: The training config.
         log: Where progress lines (and torchtune's log) go.
+        eval_split: Held-out split expression (e.g. ``train[95%:]``, disjoint from the
+            training split); its loss is measured for the base model before training and for
+            the fine-tuned model after it. None or "": no held-out evaluation.
 
     Returns:
         Where the checkpoint is, the loss per step and the run's figures.
 
     Raises:
+        ConfigError: ``eval_split`` is not a split expression or overlaps the training split.
         WorkspaceError: Another fine-tune step works on this workspace (its lock is held), a
             step's output is missing, or the volume is (or becomes) too full for the
             checkpoints.
@@ -174,8 +184,9 @@ def run_fine_tune(
     check_gpus_visible(resolved.gpus)
     ws = Workspace.at(workspace)
     preprocess = config.dataset_preprocess_config or TorchTuneInstructDataset()
+    eval_split = check_eval_split(preprocess.split, eval_split)
     with workspace_lock(ws.root, "the fine-tune step", LOCK_FILE):
-        return _run_locked(ws, runtime, resolved, preprocess, log)
+        return _run_locked(ws, runtime, resolved, preprocess, log, eval_split)
 
 
 def _run_locked(
@@ -184,17 +195,20 @@ def _run_locked(
     resolved: ResolvedConfig,
     preprocess: TorchTuneInstructDataset,
     log: Any,
+    eval_split: str | None = None,
 ) -> TrainSummary:
     """The fine-tune step while it holds the workspace's fine-tune lock."""
     from omegaconf import OmegaConf
 
     choice, conf, plan = _prepare(ws, runtime, resolved, preprocess)
     fingerprint, inputs = inputs_fingerprint(ws, config_fingerprint(conf))
+    held = (prepare_held_out(ws, conf, plan, preprocess, eval_split, inputs, log)
+            if eval_split else None)
     out = ws.checkpoints_dir
     config_path = out / CONFIG_FILE
     finished = _finished_run(out, fingerprint, inputs, choice, log)
     if finished is not None:
-        return finished
+        return _with_eval(finished, held)
     check_steps(plan.rows, conf, choice.nproc)  # before anything on the volume is cleared
     resume_from = prepare_output(out, fingerprint, inputs, resolved, conf, log)
     # The fingerprint above is of torchtune's own dataset section: the store holds the very
@@ -210,6 +224,8 @@ def _run_locked(
         f"the checkpoints of {resolved.epochs - resume_from} epoch(s) (at least one model-sized "
         "checkpoint per epoch)",
     )
+    if held:
+        held.base()  # before `tune run`: the base model's held-out loss
     OmegaConf.save(OmegaConf.create(conf), config_path)
     cmd = choice.command(config_path)
     log(f"[fine-tune] recipe {choice.recipe}, base config {choice.config}, "
@@ -249,8 +265,17 @@ def _run_locked(
          "metrics": metrics},
     )
     log(f"[fine-tune] done in {seconds:.1f} s; checkpoint {final}")
-    return TrainSummary(str(final), str(config_path), choice.recipe, choice.config,
-                        losses(rows), round(seconds, 3), False, resume_from, metrics)
+    return _with_eval(TrainSummary(str(final), str(config_path), choice.recipe, choice.config,
+                                   losses(rows), round(seconds, 3), False, resume_from, metrics),
+                      held)
+
+
+def _with_eval(summary: TrainSummary, held: HeldOut | None) -> TrainSummary:
+    """The summary with the held-out Metrics added (unchanged without an eval split)."""
+    if held is None:
+        return summary
+    return replace(summary, metrics={**summary.metrics,
+                                     **held.metrics(Path(summary.checkpoint_dir))})
 
 
 def _finished_run(
