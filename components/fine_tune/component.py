@@ -79,8 +79,7 @@ def fine_tune(
         max_steps_per_epoch: Stop each epoch after this many steps (0: no limit).
         seed: Random seed.
         overrides: Raw torchtune key=value overrides, applied last.
-        eval_split: Held-out split, e.g. train[95%:], disjoint from split: its loss and
-            perplexity are measured for the base and the fine-tuned model ("" for none).
+        eval_split: Held-out split for base and fine-tuned eval loss, e.g. train[95%:] ("": none).
 
     Returns:
         final_loss, steps and the checkpoint folder.

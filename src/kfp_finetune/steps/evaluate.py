@@ -40,6 +40,11 @@ from kfp_finetune.storage.workspace import write_json_atomic
 
 Log = Callable[[str], None]
 _COLLATE = "torchtune.data.padded_collate_sft"  # the recipes' default collate_fn
+# What a measurement depends on besides the weights (optimizer, schedule etc. do not count).
+_EVAL_KEYS = ("tokenizer", "dataset", "loss", "checkpointer", "dtype", "device", "batch_size",
+              "collate_fn")
+_LORA_ARGS = ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "lora_rank",
+              "lora_alpha", "lora_dropout", "use_dora", "quantize_base")
 
 
 @dataclass(frozen=True)
@@ -91,11 +96,7 @@ def plain_model_conf(model_conf: dict[str, Any]) -> dict[str, Any]:
         TrainingError: The builder has no plain counterpart.
     """
     component = str(model_conf["_component_"])
-    module_name, _, name = component.rpartition(".")
-    for prefix in ("qlora_", "lora_"):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-            break
+    module_name, _, name = _plain_name(component).rpartition(".")
     try:
         builder = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError):
@@ -107,6 +108,26 @@ def plain_model_conf(model_conf: dict[str, Any]) -> dict[str, Any]:
     accepted = set(inspect.signature(builder).parameters)
     args = {k: v for k, v in model_conf.items() if k != "_component_" and k in accepted}
     return {"_component_": f"{module_name}.{name}", **args}
+
+
+def _plain_name(component: str) -> str:
+    """``a.b.lora_x`` (or ``qlora_x``) -> ``a.b.x``."""
+    module_name, _, name = component.rpartition(".")
+    for prefix in ("qlora_", "lora_"):
+        if name.startswith(prefix):
+            return f"{module_name}.{name[len(prefix):]}"
+    return component
+
+
+def key_conf(conf: dict[str, Any]) -> dict[str, Any]:
+    """The parts of an evaluation config a measurement depends on (the cache key's part).
+
+    The model section is that of the model actually evaluated (LoRA arguments left out), so
+    the base model's result is shared by full and LoRA runs and survives a learning-rate change.
+    """
+    model = {k: v for k, v in conf.get("model", {}).items() if k not in _LORA_ARGS}
+    model["_component_"] = _plain_name(str(model.get("_component_", "")))
+    return {"model": model, **{k: conf.get(k) for k in _EVAL_KEYS}}
 
 
 def load_model(conf: dict[str, Any], checkpoint_dir: Path, files: list[str]) -> Any:
@@ -269,7 +290,7 @@ def run_evaluation(conf: dict[str, Any], checkpoint_dir: Path, files: list[str],
     Raises:
         TrainingError: The measurement failed; the message holds the end of its output.
     """
-    path = cache / f"{digest_of({**key, 'conf': conf})}.json"
+    path = cache / f"{digest_of({**key, 'conf': key_conf(conf)})}.json"
     if path.is_file():
         try:
             result = EvalResult(**{**json.loads(path.read_text()), "seconds": 0.0})

@@ -181,10 +181,10 @@ def run_fine_tune(
     runtime = get_runtime(runtime_name)
     # The GPU-memory defaults (activation checkpointing, optimizer offload) need the card.
     resolved = resolve(runtime, config, gpu_memory_gib=detect_gpu_memory_gib())
-    check_gpus_visible(resolved.gpus)
-    ws = Workspace.at(workspace)
     preprocess = config.dataset_preprocess_config or TorchTuneInstructDataset()
     eval_split = check_eval_split(preprocess.split, eval_split)
+    check_gpus_visible(resolved.gpus)
+    ws = Workspace.at(workspace)
     with workspace_lock(ws.root, "the fine-tune step", LOCK_FILE):
         return _run_locked(ws, runtime, resolved, preprocess, log, eval_split)
 

@@ -44,13 +44,16 @@ class HeldOut:
     inputs: dict[str, str]
     rows: int
     log: Log
+    _base: EvalResult | None = None
 
     def base(self) -> EvalResult:
         """The base model's held-out loss (cached by model and data content)."""
-        files = list(self.conf["checkpointer"]["checkpoint_files"])
-        key = {"model": self.inputs["model"], "dataset": self.inputs["dataset"]}
-        return run_evaluation(self.conf, self.model_dir, files, self.cache, key, "base",
-                              self.log)
+        if self._base is None:
+            files = list(self.conf["checkpointer"]["checkpoint_files"])
+            key = {"model": self.inputs["model"], "dataset": self.inputs["dataset"]}
+            self._base = run_evaluation(self.conf, self.model_dir, files, self.cache, key,
+                                        "base", self.log)
+        return self._base
 
     def tuned(self, checkpoint_dir: Path) -> EvalResult:
         """The fine-tuned model's held-out loss (cached by the training inputs' content)."""
