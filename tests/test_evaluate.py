@@ -139,3 +139,16 @@ def test_metrics_and_chart_lines_of_an_evaluation():
     plain = loss_curve_html([(1, 6.0), (2, 4.0), (3, 3.0)], "t")
     assert "stroke-dasharray" not in plain and "eval loss" not in plain
     assert plain == loss_curve_html([(1, 6.0), (2, 4.0), (3, 3.0)], "t", None)
+
+
+def test_a_model_too_big_for_one_gpu_is_refused_for_held_out_evaluation():
+    from kfp_finetune.errors import ConfigError
+    from kfp_finetune.steps.held_out import check_fits_one_gpu
+
+    check_fits_one_gpu(140 * 2**30, None, "train[95%:]")  # CPU / unknown card: not checked
+    check_fits_one_gpu(16 * 2**30, 80.0, "train[95%:]")  # 8B in bf16 on an 80 GiB card
+    with pytest.raises(ConfigError) as err:
+        check_fits_one_gpu(140 * 2**30, 80.0, "train[95%:]")  # 70B in bf16
+    message = str(err.value)
+    assert "eval_split='train[95%:]'" in message and "140.0 GiB" in message
+    assert "80 GiB" in message and "leave eval_split empty" in message

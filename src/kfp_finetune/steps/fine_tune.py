@@ -202,8 +202,8 @@ def _run_locked(
 
     choice, conf, plan = _prepare(ws, runtime, resolved, preprocess)
     fingerprint, inputs = inputs_fingerprint(ws, config_fingerprint(conf))
-    held = (prepare_held_out(ws, conf, plan, preprocess, eval_split, inputs, log)
-            if eval_split else None)
+    held = (prepare_held_out(ws, conf, plan, preprocess, eval_split, inputs, log,
+                             resolved.gpu_memory_gib) if eval_split else None)
     out = ws.checkpoints_dir
     config_path = out / CONFIG_FILE
     finished = _finished_run(out, fingerprint, inputs, choice, log)

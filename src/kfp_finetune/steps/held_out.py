@@ -16,13 +16,14 @@ from typing import Any
 
 from kfp_finetune.config.splits import check_disjoint_rows, check_eval_split, parse_split
 from kfp_finetune.config.types import TorchTuneInstructDataset
-from kfp_finetune.errors import DatasetError
+from kfp_finetune.errors import ConfigError, DatasetError
 from kfp_finetune.steps.completion import shard_names
 from kfp_finetune.steps.dataset_plan import DatasetPlan, plan_dataset
 from kfp_finetune.steps.evaluate import EvalResult, Log, eval_conf, eval_metrics, run_evaluation
-from kfp_finetune.storage.workspace import Workspace
+from kfp_finetune.storage.workspace import Workspace, tree_bytes
 
 EVAL_CACHE = "eval"  # under the workspace's cache folder
+_GPU_SHARE = 0.9  # of one card's memory the weights may take (activations, CUDA context)
 
 
 @dataclass
@@ -78,9 +79,32 @@ def _split_rows(plan: DatasetPlan, name: str, cache_dir: str) -> int:
                                      cache_dir=cache_dir))
 
 
+def check_fits_one_gpu(weight_bytes: int, gpu_memory_gib: float | None,
+                       eval_split: str) -> None:
+    """Refuse a held-out evaluation whose model cannot fit on the one GPU it runs on.
+
+    Args:
+        weight_bytes: Size of the base model's weight files.
+        gpu_memory_gib: Memory of one GPU, or None (CPU, or unknown: not checked).
+        eval_split: The held-out split, for the message.
+
+    Raises:
+        ConfigError: The weights take more than 90 % of one card.
+    """
+    if not gpu_memory_gib or weight_bytes <= _GPU_SHARE * gpu_memory_gib * 2**30:
+        return
+    raise ConfigError(
+        f"eval_split={eval_split!r}: the held-out evaluation loads the whole model on one GPU, "
+        f"and its weights ({weight_bytes / 2**30:.1f} GiB) do not fit on one of "
+        f"{gpu_memory_gib:g} GiB; leave eval_split empty for this model, or use cards with "
+        "more memory."
+    )
+
+
 def prepare_held_out(ws: Workspace, conf: dict[str, Any], plan: DatasetPlan,
                      preprocess: TorchTuneInstructDataset, eval_split: str,
-                     inputs: dict[str, str], log: Log) -> HeldOut:
+                     inputs: dict[str, str], log: Log,
+                     gpu_memory_gib: float | None = None) -> HeldOut:
     """Check the held-out split against the data and render the evaluation config.
 
     Args:
@@ -91,13 +115,17 @@ def prepare_held_out(ws: Workspace, conf: dict[str, Any], plan: DatasetPlan,
         eval_split: The held-out split expression.
         inputs: Content fingerprints of the run's inputs.
         log: Where progress lines go.
+        gpu_memory_gib: Memory of one GPU of the node (None on CPU).
 
     Raises:
-        ConfigError: The two splits share a row.
+        ConfigError: The two splits share a row, or the model does not fit on one GPU.
         DatasetError: The held-out split selects nothing or cannot be read.
     """
     split = str(preprocess.split or "train")
     eval_split = check_eval_split(split, eval_split) or ""
+    files = conf["checkpointer"].get("checkpoint_files") or []
+    check_fits_one_gpu(sum(tree_bytes(ws.model_dir / str(f)) for f in files), gpu_memory_gib,
+                       eval_split)
     cache_dir = str(conf["dataset"].get("cache_dir") or ws.cache_dir / "datasets")
     try:
         held = plan_dataset(ws.dataset_dir, dataclasses.replace(preprocess, split=eval_split),
