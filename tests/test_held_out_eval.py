@@ -119,3 +119,28 @@ def test_held_out_splits_are_checked_against_the_data_before_training(
         run_fine_tune(tmp_path, LLAMA, cfg, quiet, eval_split=eval_split)
     assert message in str(err.value), str(err.value)
     assert not (tmp_path / "output" / "checkpoints" / "epoch_0").exists()
+
+
+@pytest.mark.slow  # measures the base model in a child process (no training)
+def test_held_out_rows_cut_before_their_response_fail_before_training(tiny, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kfp_finetune.drivers.fixtures import alpaca_rows
+
+    rows = alpaca_rows(40) + [{"instruction": "Repeat this. " * 60, "input": "", "output": "x"}
+                              for _ in range(8)]
+    data = tmp_path / "data"
+    data.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), data / "train.parquet")
+    cfg = TorchTuneConfig(max_seq_len=400, dataset_preprocess_config=TorchTuneInstructDataset(
+        split="train[:40]"))
+    ws = tmp_path / "ws"
+    initialize_dataset(ws, f"file://{data}", cfg.dataset_preprocess_config, log=quiet)
+    initialize_model(ws, str(tiny["llama3_2"]), LLAMA, cfg, log=quiet)
+    with pytest.raises(DatasetError) as err:
+        run_fine_tune(ws, LLAMA, cfg, quiet, eval_split="train[40:]")
+    message = str(err.value)
+    assert "eval_split='train[40:]': none of its 8 rows keeps a token" in message
+    assert "raise max_seq_len" in message
+    assert not (ws / "output" / "checkpoints" / "epoch_0").exists()

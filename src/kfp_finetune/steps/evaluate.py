@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kfp_finetune.errors import TrainingError
+from kfp_finetune.errors import DatasetError, TrainingError
 from kfp_finetune.storage.content import digest_of
 from kfp_finetune.storage.workspace import write_json_atomic
 
@@ -289,6 +289,7 @@ def run_evaluation(conf: dict[str, Any], checkpoint_dir: Path, files: list[str],
 
     Raises:
         TrainingError: The measurement failed; the message holds the end of its output.
+        DatasetError: No held-out token counts in the loss.
     """
     path = cache / f"{digest_of({**key, 'conf': key_conf(conf)})}.json"
     if path.is_file():
@@ -312,6 +313,12 @@ def run_evaluation(conf: dict[str, Any], checkpoint_dir: Path, files: list[str],
                 f"{proc.returncode}); last lines:\n{_tail(proc.stdout + proc.stderr)}"
             )
         result = EvalResult(**json.loads(out.read_text()))
+    if result.tokens == 0:
+        raise DatasetError(
+            f"eval_split={conf['dataset']['split']!r}: none of its {result.rows} rows keeps a "
+            "token that counts in the loss (max_seq_len cuts each before its response), so "
+            "there is nothing to measure; raise max_seq_len or choose other held-out rows."
+        )
     cache.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, asdict(result))
     log(f"[eval] {what} model: held-out loss {result.loss:.4f}, perplexity "
