@@ -144,3 +144,48 @@ def test_held_out_rows_cut_before_their_response_fail_before_training(tiny, tmp_
     assert "eval_split='train[40:]': none of its 8 rows keeps a token" in message
     assert "raise max_seq_len" in message
     assert not (ws / "output" / "checkpoints" / "epoch_0").exists()
+
+
+@pytest.mark.parametrize(("family", "runtime"), [("llama3_2", LLAMA),
+                                                  ("qwen2_5", "torchtune-qwen2.5-tiny")])
+def test_held_out_loss_of_the_base_model_matches_transformers(tiny, tmp_path, family, runtime):
+    """An independent reading of the same checkpoint (transformers' own model classes) gives
+    the same loss over the same held-out rows: the weights reach the model intact."""
+    import torch
+    import torch.nn.functional as F
+    from omegaconf import OmegaConf
+    from torchtune import config as tt_config
+    from transformers import AutoModelForCausalLM
+
+    from kfp_finetune.config.runtimes import get_runtime
+    from kfp_finetune.steps.evaluate import eval_conf, evaluate_checkpoint
+    from kfp_finetune.steps.fine_tune import prepare_training
+    from kfp_finetune.steps.tune_config import resolve
+    from kfp_finetune.storage.workspace import Workspace
+
+    cfg = config()
+    initialize_dataset(tmp_path, f"{tiny['alpaca']}/data", cfg.dataset_preprocess_config,
+                       log=quiet)
+    initialize_model(tmp_path, str(tiny[family]), runtime, cfg, log=quiet)
+    rt = get_runtime(runtime)
+    _, conf = prepare_training(Workspace.at(tmp_path), rt, resolve(rt, cfg),
+                               cfg.dataset_preprocess_config)
+    held = eval_conf(conf, EVAL_SPLIT)
+    assert held["dtype"] == "fp32"
+    result = evaluate_checkpoint(held, tmp_path / "model",
+                                 list(held["checkpointer"]["checkpoint_files"]))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "model"),
+                                              dtype=torch.float32).eval()
+    tokenizer = tt_config.instantiate(OmegaConf.create(held["tokenizer"]))
+    dataset = tt_config.instantiate(OmegaConf.create(held["dataset"]), tokenizer)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            row = dataset[i]
+            logits = hf(torch.tensor([row["tokens"]])).logits[0]
+            labels = torch.tensor(row["labels"][1:])
+            total += float(F.cross_entropy(logits[:-1], labels, ignore_index=-100,
+                                           reduction="sum"))
+            count += int((labels != -100).sum())
+    assert (result.rows, result.tokens) == (16, count)
+    assert result.loss == pytest.approx(total / count, rel=1e-4)
