@@ -224,7 +224,7 @@ def _run_locked(
         f"the checkpoints of {resolved.epochs - resume_from} epoch(s) (at least one model-sized "
         "checkpoint per epoch)",
     )
-    if held:
+    if held is not None:
         held.base()  # before `tune run`: the base model's held-out loss
     OmegaConf.save(OmegaConf.create(conf), config_path)
     cmd = choice.command(config_path)

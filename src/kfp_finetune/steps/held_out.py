@@ -57,10 +57,18 @@ class HeldOut:
         return self._base
 
     def tuned(self, checkpoint_dir: Path) -> EvalResult:
-        """The fine-tuned model's held-out loss (cached by the training inputs' content)."""
+        """The fine-tuned model's held-out loss.
+
+        Cached by the training inputs' content and the weight files' size and modification
+        time: a checkpoint trained again (GPU training is not bit-for-bit reproducible) is
+        measured again.
+        """
         files = shard_names(checkpoint_dir) or []
+        stats = [(f, (checkpoint_dir / f).stat().st_size, (checkpoint_dir / f).stat().st_mtime_ns)
+                 for f in files]
         return run_evaluation(self.conf, checkpoint_dir, files, self.cache,
-                              {"trained": dict(self.inputs)}, "fine-tuned", self.log)
+                              {"trained": dict(self.inputs), "weights": stats}, "fine-tuned",
+                              self.log)
 
     def metrics(self, checkpoint_dir: Path) -> dict[str, float | int]:
         """Metrics of both models: ``eval_loss_base``, ``eval_loss``, their perplexities."""
