@@ -152,3 +152,23 @@ def test_a_model_too_big_for_one_gpu_is_refused_for_held_out_evaluation():
     message = str(err.value)
     assert "eval_split='train[95%:]'" in message and "140.0 GiB" in message
     assert "80 GiB" in message and "leave eval_split empty" in message
+
+
+def test_the_base_result_is_cached_by_what_the_measurement_depends_on():
+    from kfp_finetune.steps.evaluate import key_conf
+
+    full = {"model": {"_component_": "kfp_finetune.plugins.hf_models.llama3_2_from_hf_config",
+                      "checkpoint_dir": "/m"},
+            "dataset": {"split": "train[95%:]"}, "loss": {"_component_": "l"}, "batch_size": 4,
+            "optimizer": {"lr": 1e-3}, "epochs": 3}
+    lora = {**full, "optimizer": {"lr": 5e-3}, "epochs": 1,
+            "model": {"_component_": "kfp_finetune.plugins.hf_models."
+                                     "lora_llama3_2_from_hf_config",
+                      "checkpoint_dir": "/m", "lora_rank": 8, "lora_alpha": 16}}
+    # The same base model measured the same way: one result for a full and a LoRA run, and
+    # a learning-rate or epoch change does not measure it again ...
+    assert key_conf(full) == key_conf(lora)
+    # ... but other held-out rows, another loss or batch size do.
+    for change in ({"dataset": {"split": "train[90%:]"}}, {"loss": {"_component_": "m"}},
+                   {"batch_size": 8}):
+        assert key_conf({**full, **change}) != key_conf(full)
