@@ -70,7 +70,7 @@ def main() -> None:
     from huggingface_hub.utils import disable_progress_bars
 
     from kfp_finetune.config.types import TorchTuneConfig
-    from kfp_finetune.steps.initializers import initialize_model
+    from kfp_finetune.steps.model_initializer import initialize_model
 
     disable_progress_bars()
     with tempfile.TemporaryDirectory() as tmp_s, HubServer() as hub:

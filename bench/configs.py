@@ -1,8 +1,8 @@
 """The two configurations the benchmarks compare, rendered from the real code.
 
 * **ours**: the workspace is filled by the real initializer steps
-  (``steps.initialize_dataset`` / ``steps.initialize_model``) and the config is rendered by
-  ``finetune.prepare_training`` -> ``tune_config.render_config``, so whatever defaults the
+  (``initialize_dataset`` / ``initialize_model``) and the config is rendered by
+  ``tune_config.prepare_training`` -> ``tune_config.render_config``, so whatever defaults the
   project currently has (packing, ``max_seq_len``, compile, activation checkpointing, ...)
   are what is measured. Nothing about our defaults is hard-coded here.
 * **anchor**: what Kubeflow Trainer's ``torchtune-<model>`` runtime runs: torchtune's
@@ -32,7 +32,8 @@ from typing import Any
 from kfp_finetune.config.runtimes import get_runtime
 from kfp_finetune.config.types import LoraConfig, TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.steps import fine_tune as finetune
-from kfp_finetune.steps import initializers as steps
+from kfp_finetune.steps.dataset_initializer import initialize_dataset
+from kfp_finetune.steps.model_initializer import initialize_model
 from kfp_finetune.steps.tune_config import base_config_path, resolve
 from kfp_finetune.storage.workspace import Workspace
 
@@ -64,9 +65,9 @@ def _train_config(gpus: int | None, peft: LoraConfig | None = None) -> TorchTune
 def fill_workspace(ws: Path, model_dir: Path, dataset_dir: Path, runtime: str,
                    gpus: int | None = None) -> Workspace:
     """Run the real dataset and model initializer steps into ``ws`` (skipped when done)."""
-    steps.initialize_dataset(ws, str(dataset_dir / "data"), TorchTuneInstructDataset(),
-                             log=_quiet)
-    steps.initialize_model(ws, str(model_dir), runtime, _train_config(gpus), log=_quiet)
+    initialize_dataset(ws, str(dataset_dir / "data"), TorchTuneInstructDataset(),
+                       log=_quiet)
+    initialize_model(ws, str(model_dir), runtime, _train_config(gpus), log=_quiet)
     return Workspace.at(ws)
 
 

@@ -53,14 +53,9 @@ def _defaults(spec: dict) -> dict:
 def check_config_outputs(spec: dict, runtime: str, params: dict) -> dict:
     """What check-config hands on for these parameters (the task's own code)."""
     p = {**_defaults(spec), **params}
+    p["train_gpus_per_node"] = int(p["train_gpus_per_node"])  # the YAML header has 1.0
     s = check_cluster_settings(
-        gpus_per_node=int(p["gpus_per_node"]), accelerator_type=p["accelerator_type"],
-        cpu_request=p["cpu_request"], memory_request=p["memory_request"],
-        pvc_size=p["pvc_size"], pvc_storage_class=p["pvc_storage_class"],
-        pvc_access_modes=p["pvc_access_modes"], hf_token_secret=p["hf_token_secret"],
-        s3_secret=p["s3_secret"], delete_workspace=p["delete_workspace"], push_to=p["push_to"],
-        run_id=RUN_ID, run_name="nightly", pipeline=pipeline_name(RUNTIMES[runtime]),
-    )
+        p, run_id=RUN_ID, run_name="nightly", pipeline=pipeline_name(RUNTIMES[runtime]))
     return {f"check-config.{key}": getattr(s, key) for key in (
         "accelerator_type", "accelerator_limit", "cpu_request", "memory_request", "pvc_name",
         "pvc_annotations")}
@@ -96,20 +91,20 @@ def test_fine_tune_pod_resources_for_the_defaults(runtime):
     # A GPU runtime's pod gets nvidia.com/gpu: N; a CPU runtime's gets no accelerator limit.
     expected = {"nvidia.com/gpu": str(rt.default_gpus)} if rt.default_gpus else {}
     assert pod == {"limits": expected, "requests": {
-        "cpu": defaults["cpu_request"], "memory": defaults["memory_request"]}}
+        "cpu": defaults["cluster_cpu_request"], "memory": defaults["cluster_memory_request"]}}
 
 
 @pytest.mark.parametrize(("runtime", "params", "limits"), [
-    ("torchtune-llama3.2-1b", {"gpus_per_node": 2}, {"nvidia.com/gpu": "2"}),
-    ("torchtune-llama3.2-1b", {"gpus_per_node": 0}, {}),
-    ("torchtune-llama3.2-1b", {"accelerator_type": "amd.com/gpu"}, {"amd.com/gpu": "1"}),
-    ("torchtune-llama3.3-70b", {"gpus_per_node": 8}, {"nvidia.com/gpu": "8"}),
-    ("torchtune-llama3.2-tiny", {"gpus_per_node": 1}, {"nvidia.com/gpu": "1"}),
-    ("torchtune-qwen2.5-tiny", {"accelerator_type": ""}, {}),
+    ("torchtune-llama3.2-1b", {"train_gpus_per_node": 2}, {"nvidia.com/gpu": "2"}),
+    ("torchtune-llama3.2-1b", {"train_gpus_per_node": 0}, {}),
+    ("torchtune-llama3.2-1b", {"cluster_accelerator_type": "amd.com/gpu"}, {"amd.com/gpu": "1"}),
+    ("torchtune-llama3.3-70b", {"train_gpus_per_node": 8}, {"nvidia.com/gpu": "8"}),
+    ("torchtune-llama3.2-tiny", {"train_gpus_per_node": 1}, {"nvidia.com/gpu": "1"}),
+    ("torchtune-qwen2.5-tiny", {"cluster_accelerator_type": ""}, {}),
 ])
 def test_fine_tune_pod_resources_for_typical_values(runtime, params, limits):
     spec, _ = COMPILED[runtime]
-    params = {**params, "cpu_request": "7500m", "memory_request": "48Gi"}
+    params = {**params, "cluster_cpu_request": "7500m", "cluster_memory_request": "48Gi"}
     outputs = check_config_outputs(spec, runtime, params)
     pod = simulate_resources(spec, FINE_TUNE, params, outputs)
     assert pod == {"limits": limits, "requests": {"cpu": "7500m", "memory": "48Gi"}}
@@ -205,11 +200,11 @@ def test_fails_on_an_empty_secret_name(tmp_path):
 
 def test_fails_on_an_empty_secret_name_given_to_the_pipeline():
     spec, platform = COMPILED["torchtune-llama3.2-1b"]
-    problems = secret_names(spec, platform, {"hf_token_secret": ""}, {})
+    problems = secret_names(spec, platform, {"secret_hf_token": ""}, {})
     assert len(problems) == 3  # the initializers and the export
     # And check-config, which runs before them, refuses it with the reason.
-    with pytest.raises(ConfigError, match="hf_token_secret is empty.*need not exist"):
-        check_config_outputs(spec, "torchtune-llama3.2-1b", {"hf_token_secret": ""})
+    with pytest.raises(ConfigError, match="secret_hf_token is empty.*need not exist"):
+        check_config_outputs(spec, "torchtune-llama3.2-1b", {"secret_hf_token": ""})
 
 
 def test_fails_on_an_unknown_field_in_the_pipeline_spec():

@@ -40,15 +40,15 @@ def test_check_reports_a_stale_file(tmp_path):
 def test_pvc_per_run_with_size_class_and_access_modes_as_parameters(compiled, runtime):
     spec, _ = compiled[runtime]
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert params["pvc_size"]["defaultValue"] == RUNTIMES[runtime].pvc_size
-    for name in ("pvc_size", "pvc_storage_class", "pvc_access_modes"):
+    assert params["workspace_pvc_size"]["defaultValue"] == RUNTIMES[runtime].pvc_size
+    for name in ("workspace_pvc_size", "workspace_storage_class", "workspace_access_modes"):
         assert params[name]["description"]
     pvc = spec["root"]["dag"]["tasks"]["createpvc"]
     assert pvc["componentRef"]["name"] == "comp-createpvc"
     inputs = pvc["inputs"]["parameters"]
-    assert inputs["size"] == {"componentInputParameter": "pvc_size"}
-    assert inputs["storage_class_name"] == {"componentInputParameter": "pvc_storage_class"}
-    assert inputs["access_modes"] == {"componentInputParameter": "pvc_access_modes"}
+    assert inputs["size"] == {"componentInputParameter": "workspace_pvc_size"}
+    assert inputs["storage_class_name"] == {"componentInputParameter": "workspace_storage_class"}
+    assert inputs["access_modes"] == {"componentInputParameter": "workspace_access_modes"}
     # A new name per run: check-config makes it from the run id (kfp-finetune-<run id>).
     assert inputs["pvc_name"] == {"taskOutputParameter": {
         "outputParameterKey": "pvc_name", "producerTask": "check-config"}}
@@ -76,26 +76,27 @@ def test_fine_tune_requests_the_gpu_count(compiled, runtime):
     assert accel["resourceCount"] == (
         "{{$.inputs.parameters['pipelinechannel--check-config-accelerator_limit']}}")
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert int(params["gpus_per_node"]["defaultValue"]) == RUNTIMES[runtime].default_gpus
-    assert params["accelerator_type"]["defaultValue"] == "nvidia.com/gpu"
+    assert int(params["train_gpus_per_node"]["defaultValue"]) == RUNTIMES[runtime].default_gpus
+    assert params["cluster_accelerator_type"]["defaultValue"] == "nvidia.com/gpu"
     task = _steps(spec)["fine-tune"]
-    assert task["inputs"]["parameters"]["gpus_per_node"] == {
-        "componentInputParameter": "pipelinechannel--gpus_per_node"}
+    # The GPU count reaches the step in the one config check-config hands on.
+    assert task["inputs"]["parameters"]["config"] == {
+        "componentInputParameter": "pipelinechannel--check-config-config"}
 
 
 @pytest.mark.parametrize("runtime", list(RUNTIMES))
 def test_hf_token_comes_from_an_optional_secret_not_a_parameter(compiled, runtime):
     spec, platform = compiled[runtime]
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert not [p for p in params if "token" in p.lower() and p != "hf_token_secret"]
-    assert params["hf_token_secret"]["parameterType"] == "STRING"
+    assert not [p for p in params if "token" in p.lower() and p != "secret_hf_token"]
+    assert params["secret_hf_token"]["parameterType"] == "STRING"
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for step in ("dataset-initializer", "model-initializer"):
         (secret,) = [s for s in executors[f"exec-{step}"]["secretAsEnv"]
                      if s["keyToEnv"][0]["envVar"] == "HF_TOKEN"]
         assert secret["optional"] is True
         assert secret["secretNameParameter"] == {
-            "componentInputParameter": "pipelinechannel--hf_token_secret"}
+            "componentInputParameter": "pipelinechannel--secret_hf_token"}
 
 
 @pytest.mark.parametrize("runtime", list(RUNTIMES))

@@ -11,8 +11,9 @@ import pytest
 from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.drivers.cli import main
 from kfp_finetune.errors import WorkspaceError
+from kfp_finetune.steps.dataset_initializer import initialize_dataset
 from kfp_finetune.steps.fine_tune import LOCK_FILE, RUN_FILE, run_fine_tune
-from kfp_finetune.steps.initializers import initialize_dataset, initialize_model
+from kfp_finetune.steps.model_initializer import initialize_model
 from kfp_finetune.storage.workspace import LOCK_FILE as WS_LOCK
 from kfp_finetune.storage.workspace import workspace_lock
 

@@ -21,10 +21,12 @@ import pytest
 from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.drivers.cli import main
 from kfp_finetune.errors import WorkspaceError
+from kfp_finetune.steps.dataset_initializer import initialize_dataset
 from kfp_finetune.steps.export_model import export_model, latest_export
 from kfp_finetune.steps.fine_tune import _disk_full, run_fine_tune
-from kfp_finetune.steps.initializers import initialize_dataset, initialize_model
+from kfp_finetune.steps.model_initializer import initialize_model
 from kfp_finetune.storage import fetch as storage
+from kfp_finetune.storage import local as local_backend
 from kfp_finetune.storage import workspace
 from kfp_finetune.storage.workspace import (
     MANIFEST,
@@ -267,7 +269,7 @@ def test_simulated_enospc_in_the_copy_leaves_no_cut_file(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_copy(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(storage.shutil, "copy2", full_disk)
+    monkeypatch.setattr(local_backend.shutil, "copy2", full_disk)
     ws = tmp_path / "ws"
     with pytest.raises(WorkspaceError, match="no space left") as err:
         initialize_model(ws, str(tiny["llama3_2"]), RUNTIME, CONFIG, quiet)

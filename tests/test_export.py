@@ -21,14 +21,15 @@ import yaml
 from kfp_finetune.config.types import LoraConfig, TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.errors import ConfigError, WorkspaceError
 from kfp_finetune.steps import fine_tune as finetune
-from kfp_finetune.steps import initializers as steps
+from kfp_finetune.steps.dataset_initializer import initialize_dataset
 from kfp_finetune.steps.export_model import (
     ADAPTER_DIR,
     export_model,
     latest_export,
-    parse_destination,
-    push,
 )
+from kfp_finetune.steps.model_initializer import initialize_model
+from kfp_finetune.storage.upload import push
+from kfp_finetune.storage.uris import parse_destination
 from kfp_finetune.storage.workspace import MANIFEST, Workspace
 
 RUNTIME = "torchtune-llama3.2-tiny"
@@ -48,9 +49,9 @@ CHAT_TEMPLATE = (
 
 def _train(tiny, root: Path, config: TorchTuneConfig, base: Path | None = None) -> Path:
     quiet = lambda _: None  # noqa: E731
-    steps.initialize_dataset(root, str(tiny["alpaca"] / "data"), TorchTuneInstructDataset(),
-                             log=quiet)
-    steps.initialize_model(root, str(base or tiny["llama3_2"]), RUNTIME, config, log=quiet)
+    initialize_dataset(root, str(tiny["alpaca"] / "data"), TorchTuneInstructDataset(),
+                       log=quiet)
+    initialize_model(root, str(base or tiny["llama3_2"]), RUNTIME, config, log=quiet)
     finetune.run_fine_tune(root, RUNTIME, config, log=quiet)
     return root
 

@@ -20,9 +20,10 @@ import pytest
 
 from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.errors import WorkspaceError
+from kfp_finetune.steps.dataset_initializer import initialize_dataset
 from kfp_finetune.steps.export_model import export_model, latest_export
 from kfp_finetune.steps.fine_tune import run_fine_tune
-from kfp_finetune.steps.initializers import initialize_dataset, initialize_model
+from kfp_finetune.steps.model_initializer import initialize_model
 from kfp_finetune.steps.training_log import read_metrics
 from kfp_finetune.storage.workspace import MANIFEST, Workspace, read_manifest
 
@@ -55,13 +56,13 @@ PARQUET = "data/train-00000-of-00001.parquet"
 
 DATASET_STEP = """
 import sys
-from kfp_finetune.steps.initializers import initialize_dataset
+from kfp_finetune.steps.dataset_initializer import initialize_dataset
 from kfp_finetune.config.types import TorchTuneInstructDataset
 initialize_dataset(sys.argv[1], sys.argv[2], TorchTuneInstructDataset())
 """
 MODEL_STEP = f"""
 import sys
-from kfp_finetune.steps.initializers import initialize_model
+from kfp_finetune.steps.model_initializer import initialize_model
 from kfp_finetune.config.types import TorchTuneConfig
 initialize_model(sys.argv[1], sys.argv[2], {RUNTIME!r}, {CONFIG_SRC})
 """

@@ -158,9 +158,11 @@ def test_any_lora_parameters_build_a_config_or_are_refused(
     method: object, rank: object, alpha: object, dropout: object, modules: object,
     mlp: object,
 ) -> None:
-    from kfp_finetune.config.params import lora_from_params
+    from kfp_finetune.config.run_config import from_values
 
+    values = {"lora_method": method, "lora_rank": rank, "lora_alpha": alpha,
+              "lora_dropout": dropout, "lora_attn_modules": modules, "lora_apply_to_mlp": mlp}
     try:
-        lora_from_params(method, rank, alpha, dropout, modules, mlp)  # type: ignore[arg-type]
+        from_values("torchtune-llama3.2-1b", {"data_uri": "hf://org/data", **values})
     except Exception as exc:  # noqa: BLE001
         _refused_well(exc)

@@ -24,7 +24,8 @@ import pytest
 from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.drivers.cli import main
 from kfp_finetune.errors import SourceError
-from kfp_finetune.steps.initializers import initialize_dataset, initialize_model
+from kfp_finetune.steps.dataset_initializer import initialize_dataset
+from kfp_finetune.steps.model_initializer import initialize_model
 from kfp_finetune.storage.workspace import workspace_lock
 
 TIMEOUT_S = 1  # KFP_FINETUNE_NETWORK_TIMEOUT_S in these tests

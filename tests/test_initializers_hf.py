@@ -19,8 +19,9 @@ import pytest
 from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.drivers.fixtures import alpaca_rows
 from kfp_finetune.errors import ModelError, SourceError
-from kfp_finetune.steps.initializers import initialize_dataset, initialize_model
-from kfp_finetune.storage.fetch import RetryPolicy
+from kfp_finetune.steps.dataset_initializer import initialize_dataset
+from kfp_finetune.steps.model_initializer import initialize_model
+from kfp_finetune.storage.base import RetryPolicy
 from kfp_finetune.storage.workspace import read_manifest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -267,7 +268,7 @@ def test_killed_process_mid_file_then_rerun(tmp_path: Path, hub: HubServer) -> N
     release = hub.stall(f"data/{PARQUET}", after=4096)
     hub.stalled.clear()
     script = textwrap.dedent(f"""
-        from kfp_finetune.steps.initializers import initialize_dataset
+        from kfp_finetune.steps.dataset_initializer import initialize_dataset
         from kfp_finetune.config.types import TorchTuneInstructDataset
         initialize_dataset({str(tmp_path)!r}, "hf://org/big/data", TorchTuneInstructDataset())
     """)

@@ -13,7 +13,8 @@ import pytest
 
 from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.errors import ConfigError, DatasetError, ModelError, SourceError
-from kfp_finetune.steps.initializers import initialize_dataset, initialize_model
+from kfp_finetune.steps.dataset_initializer import initialize_dataset
+from kfp_finetune.steps.model_initializer import initialize_model
 
 
 def _quiet(_: str) -> None:

@@ -83,7 +83,7 @@ def test_token_never_appears_in_logs_outputs_metadata_or_files(
 def test_wrong_token_is_not_echoed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    caplog: pytest.LogCaptureFixture) -> None:
     from kfp_finetune.config.types import TorchTuneInstructDataset
-    from kfp_finetune.steps.initializers import initialize_dataset
+    from kfp_finetune.steps.dataset_initializer import initialize_dataset
 
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("HF_TOKEN", WRONG)

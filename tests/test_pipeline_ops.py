@@ -101,9 +101,9 @@ def test_a_new_pvc_per_run_mounted_by_every_worker(compiled, runtime):
     for key, output in (("pvc_name", "pvc_name"), ("annotations", "pvc_annotations")):
         assert pvc[key] == {"taskOutputParameter": {"outputParameterKey": output,
                                                     "producerTask": "check-config"}}
-    assert pvc["size"] == _param(spec, "pvc_size")
-    assert pvc["storage_class_name"] == _param(spec, "pvc_storage_class")
-    assert pvc["access_modes"] == _param(spec, "pvc_access_modes")
+    assert pvc["size"] == _param(spec, "workspace_pvc_size")
+    assert pvc["storage_class_name"] == _param(spec, "workspace_storage_class")
+    assert pvc["access_modes"] == _param(spec, "workspace_access_modes")
     for step in WORKERS:
         (mount,) = executors[f"exec-{step}"]["pvcMount"]
         assert mount["mountPath"] == "/workspace"
@@ -123,9 +123,8 @@ def test_check_config_runs_first_on_every_operations_parameter(compiled, runtime
     assert tasks["createpvc"]["dependentTasks"] == ["check-config"]
     assert set(tasks["exit-handler-1"]["dependentTasks"]) == {"check-config", "createpvc"}
     inputs = check["inputs"]["parameters"]
-    for name in ("gpus_per_node", "accelerator_type", "cpu_request", "memory_request",
-                 "pvc_size", "pvc_storage_class", "pvc_access_modes", "hf_token_secret",
-                 "s3_secret", "delete_workspace", "push_to"):
+    # Every pipeline parameter goes to check-config (and to no other work task).
+    for name in spec["root"]["inputDefinitions"]["parameters"]:
         assert inputs[name] == _param(spec, name), name
     assert inputs["run_id"] == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
     assert inputs["run_name"] == {"runtimeValue": {"constant": "{{$.pipeline_job_name}}"}}
@@ -150,21 +149,24 @@ def test_fine_tune_scheduling_resources_shm_and_timeout(compiled, runtime):
         "resourceCpuRequest": out("cpu_request"),
         "resourceMemoryRequest": out("memory_request"),
     }
-    assert params["accelerator_type"]["defaultValue"] == "nvidia.com/gpu"
-    assert params["cpu_request"]["defaultValue"] == ops.cpu_request
-    assert params["memory_request"]["defaultValue"] == ops.memory_request
+    assert params["cluster_accelerator_type"]["defaultValue"] == "nvidia.com/gpu"
+    assert params["cluster_cpu_request"]["defaultValue"] == ops.cpu_request
+    assert params["cluster_memory_request"]["defaultValue"] == ops.memory_request
+    # Unset settings are empty in the run form, not a 0/-1/"auto" stand-in.
+    for name in ("train_learning_rate", "train_packed", "lora_rank", "lora_dropout"):
+        assert params[name]["isOptional"] is True and "defaultValue" not in params[name]
 
     ft = executors["exec-fine-tune"]
-    assert ft["nodeSelector"] == {"nodeSelectorJson": _group_param("node_selector")}
+    assert ft["nodeSelector"] == {"nodeSelectorJson": _group_param("cluster_node_selector")}
     gpu = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     # A GPU limit adds no toleration: the GPU runtimes tolerate the GPU taint themselves, and
     # the JSON parameter adds the user's own.
     assert ft["tolerations"] == (gpu if RUNTIMES[runtime].default_gpus else []) + [
-        {"tolerationJson": _group_param("tolerations")}]
-    assert params["node_selector"]["parameterType"] == "STRUCT"
-    assert params["tolerations"]["parameterType"] == "LIST"
-    assert params["tolerations"]["defaultValue"] == []
-    assert params["node_selector"]["defaultValue"] == {}
+        {"tolerationJson": _group_param("cluster_tolerations")}]
+    assert params["cluster_node_selector"]["parameterType"] == "STRUCT"
+    assert params["cluster_tolerations"]["parameterType"] == "LIST"
+    assert params["cluster_tolerations"]["defaultValue"] == []
+    assert params["cluster_node_selector"]["defaultValue"] == {}
     assert ft["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm",
                                      "sizeLimit": ops.shm_size, "volumeName": "dshm"}]
     assert int(ft["activeDeadlineSeconds"]) == ops.timeout_s
@@ -207,9 +209,9 @@ def test_secrets_reach_tasks_from_optional_secrets_named_by_parameters(compiled,
             assert secret["optional"] is True
             for item in secret["keyToEnv"]:
                 by_env[item["envVar"]] = secret["secretNameParameter"]
-        assert by_env["HF_TOKEN"] == _group_param("hf_token_secret")
+        assert by_env["HF_TOKEN"] == _group_param("secret_hf_token")
         for key in S3_SECRET_KEYS:
-            assert by_env[key] == _group_param("s3_secret")
+            assert by_env[key] == _group_param("secret_s3")
     assert "secretAsEnv" not in executors["exec-fine-tune"]
 
 
@@ -219,20 +221,20 @@ def test_export_gets_the_run_id_and_the_destination(compiled, runtime):
     (task, _) = _nested_tasks(spec)["export-model"]
     inputs = task["inputs"]["parameters"]
     assert inputs["run_id"] == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
-    assert inputs["push_to"] == {"componentInputParameter": "pipelinechannel--push_to"}
-    assert inputs["copy_to_artifact"] == {
-        "componentInputParameter": "pipelinechannel--copy_to_artifact"}
+    # The destination travels in the one config check-config hands on.
+    assert set(inputs) == {"config", "run_id", "workspace_path"}
+    assert inputs["config"] == {"componentInputParameter": "pipelinechannel--check-config-config"}
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert params["push_to"]["defaultValue"] == ""
-    assert params["copy_to_artifact"]["defaultValue"] is False
+    assert params["export_push_to"]["defaultValue"] == ""
+    assert params["export_copy_to_artifact"]["defaultValue"] is False
 
 
 @pytest.mark.parametrize("runtime", CHECKED)
 def test_an_exit_task_cleans_up_the_volume_whatever_the_outcome(compiled, runtime):
     spec, _ = compiled[runtime]
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert params["delete_workspace"]["defaultValue"] is False
-    assert params["keep_workspace_on_failure"]["defaultValue"] is False
+    assert params["workspace_delete_on_success"]["defaultValue"] is False
+    assert params["workspace_keep_on_failure"]["defaultValue"] is False
     root = spec["root"]["dag"]["tasks"]
     cleanup = root["cleanup-workspace"]
     # The backend's Argo compiler turns an ALL_UPSTREAM_TASKS_COMPLETED task into an exit
@@ -244,9 +246,9 @@ def test_an_exit_task_cleans_up_the_volume_whatever_the_outcome(compiled, runtim
     assert inputs == {
         "status": {"taskFinalStatus": {"producerTask": "exit-handler-1"}},
         "run_id": {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}},
-        "keep_workspace_on_failure": _param(spec, "keep_workspace_on_failure"),
-        "delete_workspace": _param(spec, "delete_workspace"),
-        "push_to": _param(spec, "push_to"),
+        "keep_workspace_on_failure": _param(spec, "workspace_keep_on_failure"),
+        "delete_workspace": _param(spec, "workspace_delete_on_success"),
+        "push_to": _param(spec, "export_push_to"),
     }
     # The group holds container tasks only: the backend records a group's final state from
     # its tasks' launchers (backend/src/v2/metadata/client.go: UpdateDAGExecutionsState); a
@@ -277,59 +279,87 @@ def test_local_pipeline_has_no_cluster_settings():
 
 # ----------------------------------------------------------------------------- check-config
 
-CHECK_ARGS = dict(
-    gpus_per_node=2, accelerator_type="nvidia.com/gpu", cpu_request="8", memory_request="64Gi",
-    pvc_size="100Gi", pvc_storage_class="standard", pvc_access_modes=["ReadWriteOnce"],
-    hf_token_secret="hf-token", s3_secret="s3-credentials", delete_workspace=False, push_to="",
-    run_id="0b6f1a52-4c1e-4a7e-9d43-2f7a3c0e8b11", run_name="nightly run",
-    pipeline="kfp-finetune-torchtune-llama3-2-1b",
+CHECK_VALUES = dict(
+    train_gpus_per_node=2, cluster_accelerator_type="nvidia.com/gpu", cluster_cpu_request="8",
+    cluster_memory_request="64Gi", workspace_pvc_size="100Gi",
+    workspace_storage_class="standard", workspace_access_modes=["ReadWriteOnce"],
+    secret_hf_token="hf-token", secret_s3="s3-credentials", workspace_delete_on_success=False,
+    export_push_to="", data_uri="hf://tatsu-lab/alpaca/data",
 )
+RUN = dict(run_id="0b6f1a52-4c1e-4a7e-9d43-2f7a3c0e8b11", run_name="nightly run",
+           pipeline="kfp-finetune-torchtune-llama3-2-1b")
+
+
+def _check_config(values):
+    """check-config's python_func, as the cluster pipeline builds it (the whole table)."""
+    from kfp_finetune.components.check_config import build_check_config
+    from kfp_finetune.config.parameters import PARAMETERS
+
+    return build_check_config(PARAMETERS).python_func(
+        runtime="torchtune-llama3.2-1b", cluster=True, **values, **RUN)
 
 
 def test_check_config_hands_on_strings_for_a_gpu_run():
-    from kfp_finetune.components.check_config import check_config
-
-    out = check_config.python_func(**CHECK_ARGS)
-    assert out[:4] == ("nvidia.com/gpu", "2", "8", "64Gi")
-    assert out[4] == "kfp-finetune-0b6f1a52-4c1e-4a7e-9d43-2f7a3c0e8b11"
-    assert out[5] == {"kfp-finetune/pipeline": "kfp-finetune-torchtune-llama3-2-1b",
-                      "kfp-finetune/run-id": CHECK_ARGS["run_id"],
+    out = _check_config(CHECK_VALUES)
+    assert out[1:5] == ("nvidia.com/gpu", "2", "8", "64Gi")
+    assert out[5] == "kfp-finetune-0b6f1a52-4c1e-4a7e-9d43-2f7a3c0e8b11"
+    assert out[6] == {"kfp-finetune/pipeline": "kfp-finetune-torchtune-llama3-2-1b",
+                      "kfp-finetune/run-id": RUN["run_id"],
                       "kfp-finetune/run-name": "nightly run"}
+    config = out[0]  # the one validated config every later task takes
+    assert config["runtime"] == "torchtune-llama3.2-1b"
+    assert config["model_uri"] == "hf://meta-llama/Llama-3.2-1B-Instruct"
+    assert config["trainer"]["resources_per_node"] == {"gpu": 2}
 
 
 def test_check_config_gives_a_cpu_run_no_accelerator_limit():
-    from kfp_finetune.components.check_config import check_config
-
     # Empty type and count: initPodSpecPatch (backend/src/v2/driver/driver.go) then adds no
     # accelerator limit at all (it needs both non-empty).
-    out = check_config.python_func(**{**CHECK_ARGS, "gpus_per_node": 0, "accelerator_type": ""})
-    assert out[:2] == ("", "")
+    out = _check_config({**CHECK_VALUES, "train_gpus_per_node": 0,
+                         "cluster_accelerator_type": ""})
+    assert out[1:3] == ("", "")
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"gpus_per_node": 9}, "gpus_per_node=9 must be a whole number from 0"),
-    ({"gpus_per_node": True}, "gpus_per_node=True"),
-    ({"accelerator_type": "gpu"}, "accelerator_type='gpu' is not a Kubernetes resource name"),
-    ({"accelerator_type": ""}, "accelerator_type='' is not"),
-    ({"cpu_request": ""}, "cpu_request='' is not a Kubernetes quantity"),
-    ({"cpu_request": "0"}, "cpu_request='0' must be above zero"),
-    ({"memory_request": "64 GB"}, "memory_request='64 GB' is not a Kubernetes quantity"),
-    ({"pvc_size": "100GB"}, "pvc_size='100GB' is not a Kubernetes quantity"),
-    ({"pvc_size": "20m"}, "pvc_size='20m' is less than 1Mi"),
-    ({"pvc_storage_class": ""}, "pvc_storage_class is empty"),
-    ({"pvc_access_modes": ["RWO"]}, "must be a list of access modes among"),
-    ({"hf_token_secret": ""}, "hf_token_secret is empty.*Expected a non-empty string.*need "
+    ({"train_gpus_per_node": 9}, "train_gpus_per_node=9 must be a whole number from 0"),
+    ({"cluster_accelerator_type": "gpu"},
+     "cluster_accelerator_type='gpu' is not a Kubernetes resource name"),
+    ({"cluster_accelerator_type": ""}, "cluster_accelerator_type='' is not"),
+    ({"cluster_cpu_request": ""}, "cluster_cpu_request='' is not a Kubernetes quantity"),
+    ({"cluster_cpu_request": "0"}, "cluster_cpu_request='0' must be above zero"),
+    ({"cluster_memory_request": "64 GB"},
+     "cluster_memory_request='64 GB' is not a Kubernetes quantity"),
+    ({"workspace_pvc_size": "100GB"}, "workspace_pvc_size='100GB' is not a Kubernetes quantity"),
+    ({"workspace_pvc_size": "20m"}, "workspace_pvc_size='20m' is less than 1Mi"),
+    ({"workspace_storage_class": ""}, "workspace_storage_class is empty"),
+    ({"workspace_access_modes": ["RWO"]}, "must be a list of access modes among"),
+    ({"secret_hf_token": ""}, "secret_hf_token is empty.*Expected a non-empty string.*need "
                               "not exist"),
-    ({"s3_secret": "My_Secret"}, "s3_secret='My_Secret' is not a valid Kubernetes Secret"),
-    ({"delete_workspace": True}, "delete_workspace=true without push_to"),
-    ({"run_id": "{{$.pipeline_job_uuid}}"}, "cannot name a volume.*upgrade the backend"),
+    ({"secret_s3": "My_Secret"}, "secret_s3='My_Secret' is not a valid Kubernetes Secret"),
+    ({"workspace_delete_on_success": True},
+     "workspace_delete_on_success=true without export_push_to"),
 ])
 def test_check_config_refuses_bad_operations_parameters(change, message):
     from kfp_finetune.errors import ConfigError
     from kfp_finetune.steps.check_config import check_cluster_settings
 
     with pytest.raises(ConfigError, match=message):
-        check_cluster_settings(**{**CHECK_ARGS, **change})
+        check_cluster_settings({**CHECK_VALUES, **change}, **RUN)
+
+
+def test_check_config_refuses_an_unresolved_run_id():
+    from kfp_finetune.errors import ConfigError
+    from kfp_finetune.steps.check_config import check_cluster_settings
+
+    with pytest.raises(ConfigError, match="cannot name a volume.*upgrade the backend"):
+        check_cluster_settings(CHECK_VALUES, **{**RUN, "run_id": "{{$.pipeline_job_uuid}}"})
+
+
+def test_check_config_refuses_a_bad_training_value_before_any_volume():
+    from kfp_finetune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="batch_size=0 is below the minimum 1"):
+        _check_config({**CHECK_VALUES, "train_batch_size": 0})
 
 
 @pytest.mark.parametrize(("text", "value"), [

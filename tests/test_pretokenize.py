@@ -20,8 +20,9 @@ from torchtune.datasets import PackedDataset
 from kfp_finetune.config.runtimes import get_runtime
 from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.errors import DatasetError
+from kfp_finetune.steps.dataset_initializer import initialize_dataset
 from kfp_finetune.steps.fine_tune import prepare_training, run_fine_tune
-from kfp_finetune.steps.initializers import initialize_dataset, initialize_model
+from kfp_finetune.steps.model_initializer import initialize_model
 from kfp_finetune.steps.token_store import TokenStore, pack_starts
 from kfp_finetune.steps.tokenize_dataset import (
     BUILDER,

@@ -10,8 +10,9 @@ import pytest
 
 from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.errors import SourceError
-from kfp_finetune.steps.initializers import initialize_dataset, initialize_model
-from kfp_finetune.storage.fetch import RetryPolicy
+from kfp_finetune.steps.dataset_initializer import initialize_dataset
+from kfp_finetune.steps.model_initializer import initialize_model
+from kfp_finetune.storage.base import RetryPolicy
 from kfp_finetune.storage.workspace import read_manifest
 
 boto3 = pytest.importorskip("boto3")

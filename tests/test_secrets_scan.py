@@ -134,7 +134,7 @@ def test_uris_with_credentials_are_rejected_and_redacted_everywhere(
 @pytest.mark.parametrize("push_to", ["s3://AKIAPUSHKEY:pushSecret99@bucket/models",
                                      "hf://user:hf_PushTokenInUri12345@org/repo"])
 def test_push_to_with_credentials_is_rejected_and_redacted(push_to: str) -> None:
-    from kfp_finetune.steps.export_model import parse_destination
+    from kfp_finetune.storage.uris import parse_destination
 
     with pytest.raises(KfpFinetuneError) as err:
         parse_destination(push_to)

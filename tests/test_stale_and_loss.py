@@ -28,9 +28,10 @@ from kfp_finetune.drivers.cli import main as cli_main
 from kfp_finetune.drivers.client.local_backend import LocalBackend, LocalBackendConfig
 from kfp_finetune.errors import TrainingError, WorkspaceError
 from kfp_finetune.steps.completion import planned_steps
+from kfp_finetune.steps.dataset_initializer import initialize_dataset
 from kfp_finetune.steps.export_model import export_model
 from kfp_finetune.steps.fine_tune import run_fine_tune
-from kfp_finetune.steps.initializers import initialize_dataset, initialize_model
+from kfp_finetune.steps.model_initializer import initialize_model
 from kfp_finetune.storage.ownership import WORKSPACE_MARKER, owned, remove_owned
 from kfp_finetune.storage.workspace import MANIFEST, Workspace, install, read_manifest
 

@@ -52,12 +52,14 @@ def test_submit_uploads_the_pipeline_and_starts_a_run(api, monkeypatch, capsys):
     assert body["pipeline_version_reference"]["pipeline_version_id"] == (
         version["pipeline_version_id"])
     params = body["runtime_config"]["parameters"]
-    assert params["epochs"] == 2 and params["export_name"] == "my-model"
-    assert params["push_to"] == "s3://models/llama" and params["delete_workspace"] is True
-    assert params["pvc_size"] == "100Gi" and params["pvc_access_modes"] == ["ReadWriteMany"]
-    assert params["node_selector"] == {"pool": "a100"}
-    assert params["tolerations"] == json.loads(tolerations)
-    assert params["cpu_request"] == "8" and params["memory_request"] == "64Gi"
+    assert params["train_epochs"] == 2 and params["export_name"] == "my-model"
+    assert params["export_push_to"] == "s3://models/llama"
+    assert params["workspace_delete_on_success"] is True
+    assert params["workspace_pvc_size"] == "100Gi"
+    assert params["workspace_access_modes"] == ["ReadWriteMany"]
+    assert params["cluster_node_selector"] == {"pool": "a100"}
+    assert params["cluster_tolerations"] == json.loads(tolerations)
+    assert params["cluster_cpu_request"] == "8" and params["cluster_memory_request"] == "64Gi"
     assert set(params) <= set(spec["root"]["inputDefinitions"]["parameters"])
     # Authentication: the token travels as a bearer header on every call, never as data.
     assert all(c.headers.get("authorization") == "Bearer secret-token-123" for c in api.calls)
@@ -97,7 +99,7 @@ def test_schedule_creates_a_recurring_run_with_the_cron_expression(api, capsys):
     assert body["mode"] == "ENABLE" and body["no_catchup"] is True
     assert int(body["max_concurrency"]) == 1
     assert body["pipeline_version_reference"]["pipeline_id"] in api.state.pipelines
-    assert body["runtime_config"]["parameters"]["dataset_uri"] == "hf://tatsu-lab/alpaca/data"
+    assert body["runtime_config"]["parameters"]["data_uri"] == "hf://tatsu-lab/alpaca/data"
     assert "recurring run:" in capsys.readouterr().out
 
 
@@ -165,7 +167,7 @@ def test_submit_asks_the_backend_its_release_first(api, capsys):
     paths = [c.path for c in api.calls]
     assert paths.index("/apis/v2beta1/healthz") < paths.index("/apis/v2beta1/pipelines/upload")
     (run,) = api.find("POST", r"/apis/v2beta1/runs")
-    assert run.json["runtime_config"]["parameters"]["keep_workspace_on_failure"] is True
+    assert run.json["runtime_config"]["parameters"]["workspace_keep_on_failure"] is True
 
 
 def test_submit_refuses_a_backend_older_than_the_floor(api, capsys):

@@ -15,8 +15,9 @@ import pytest
 
 from kfp_finetune.config.types import LoraConfig, TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.errors import ConfigError
+from kfp_finetune.steps.dataset_initializer import initialize_dataset
 from kfp_finetune.steps.fine_tune import run_fine_tune
-from kfp_finetune.steps.initializers import initialize_dataset, initialize_model
+from kfp_finetune.steps.model_initializer import initialize_model
 
 pytestmark = pytest.mark.slow
 

@@ -65,3 +65,54 @@ def test_invalid(uri: str, names: str) -> None:
         parse_storage_uri(uri, "dataset")
     assert names in str(err.value)
     assert "pass@" not in str(err.value)
+
+
+# push_to is parsed by the sources' grammar (issue 11: one URI grammar), narrowed to what a
+# destination may be. Each row: what the source parser says, and what push_to adds.
+@pytest.mark.parametrize(
+    ("push_to", "scheme", "target", "prefix"),
+    [
+        ("hf://org/repo", "hf", "org/repo", ""),
+        ("hf://org/repo@v1", "hf", "org/repo", "v1"),
+        ("  hf://org/repo/  ", "hf", "org/repo", ""),
+        ("s3://bucket", "s3", "bucket", ""),
+        ("s3://bucket/a/b/", "s3", "bucket", "a/b"),
+    ],
+)
+def test_push_to_uses_the_source_grammar(push_to: str, scheme: str, target: str,
+                                         prefix: str) -> None:
+    from kfp_finetune.storage.uris import parse_destination
+
+    dest = parse_destination(push_to)
+    assert dest is not None
+    assert (dest.scheme, dest.target, dest.prefix) == (scheme, target, prefix)
+    assert dest.uri == parse_storage_uri(push_to, "model")  # the same parse, not a copy
+    assert dest.raw == push_to.strip()
+
+
+@pytest.mark.parametrize(
+    ("push_to", "words"),
+    [
+        # Refused by the shared grammar (the same values are refused as sources).
+        ("s3://bucket/a/../b", "not an S3 location"),
+        ("s3://bucket/a//b", "not an S3 location"),
+        ("s3://Bucket/x", "not an S3 location"),
+        ("hf://org/re po", "not a Hugging Face model repository"),
+        ("hf://org/repo@", "not a Hugging Face model repository"),
+        # Push-only rules: a whole repository, a branch name, no local paths.
+        ("hf://org/repo/sub", "not a Hugging Face model repository"),
+        ("hf://org/repo@refs%2Fpr%2F1", "not a Hugging Face model repository"),
+        ("/data/models", "unsupported destination"),
+        ("file:///data/models", "unsupported destination"),
+    ],
+)
+def test_push_to_refusals(push_to: str, words: str) -> None:
+    from kfp_finetune.errors import ConfigError
+    from kfp_finetune.storage.uris import parse_destination
+
+    with pytest.raises(ConfigError, match=words) as err:
+        parse_destination(push_to)
+    assert f"push_to={push_to!r}" in str(err.value)
+    if push_to.startswith(("hf://", "s3://")) and "@" not in push_to and "/sub" not in push_to:
+        with pytest.raises(SourceError):
+            parse_storage_uri(push_to, "model")

@@ -1,1 +1,1 @@
-from .component import check_config  # noqa: F401
+from .component import FIXED_INPUTS, OUTPUTS, build_check_config  # noqa: F401

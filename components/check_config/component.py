@@ -1,74 +1,103 @@
-"""check-config: the first task of a cluster run; checks the operations parameters on CPU.
+"""check-config: the first task; checks every parameter on CPU and hands on one config.
 
-It hands the fine-tune task's resources and CreatePVC's name and annotations on as validated
+Its inputs are the pipeline's parameters, so its signature is built from the parameter table
+(``kfp_finetune.config.parameters``) rather than written out a second time: the source below
+is generated, registered with ``linecache`` (KFP ships a component's source, read with
+``inspect.getsource``) and compiled like any other lightweight component. On a cluster it also
+hands the fine-tune task's resources and CreatePVC's name and annotations on as validated
 strings (the KFP backend reads resource placeholders as strings; see
 kfp_finetune.steps.check_config).
 """
 
-from typing import NamedTuple
+import linecache
+from collections.abc import Sequence
+from typing import NamedTuple, Optional
 
 from kfp import dsl
 
 from kfp_finetune.config.images import CPU_IMAGE
+from kfp_finetune.config.parameters import Param
 
+OUTPUTS = ("config", "accelerator_type", "accelerator_limit", "cpu_request", "memory_request",
+           "pvc_name", "pvc_annotations")
+FIXED_INPUTS = ("runtime", "cluster", "workspace_path", "run_id", "run_name", "pipeline")
 
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def check_config(
-    gpus_per_node: int,
-    accelerator_type: str,
-    cpu_request: str,
-    memory_request: str,
-    pvc_size: str,
-    pvc_storage_class: str,
-    pvc_access_modes: list,
-    hf_token_secret: str,
-    s3_secret: str,
-    delete_workspace: bool = False,
-    push_to: str = "",
+_TEMPLATE = '''def check_config(
+    runtime: str,
+{params}
+    cluster: bool = False,
+    workspace_path: str = "",
     run_id: str = "",
     run_name: str = "",
     pipeline: str = "",
-) -> NamedTuple("ClusterSettings", [
-    ("accelerator_type", str), ("accelerator_limit", str), ("cpu_request", str),
-    ("memory_request", str), ("pvc_name", str), ("pvc_annotations", dict),
+) -> NamedTuple("RunSettings", [
+    ("config", dict), ("accelerator_type", str), ("accelerator_limit", str),
+    ("cpu_request", str), ("memory_request", str), ("pvc_name", str),
+    ("pvc_annotations", dict),
 ]):
-    """Refuse bad operations parameters before any volume or GPU is asked for.
+    """Check every parameter on CPU, before any volume, download or GPU is asked for.
 
     Args:
-        gpus_per_node: GPUs of the fine-tune task (0: CPU, no accelerator limit).
-        accelerator_type: GPU resource name, e.g. nvidia.com/gpu.
-        cpu_request: CPUs of the fine-tune task (a Kubernetes quantity).
-        memory_request: Memory of the fine-tune task (a Kubernetes quantity).
-        pvc_size: Size of the workspace volume (a Kubernetes quantity).
-        pvc_storage_class: StorageClass of the volume.
-        pvc_access_modes: Access modes of the volume.
-        hf_token_secret: Secret name for HF_TOKEN (must not be empty; need not exist).
-        s3_secret: Secret name for the S3 keys (must not be empty; need not exist).
-        delete_workspace: Delete the volume after a successful run (needs push_to).
-        push_to: Where the export copies the model ("" for nowhere).
+        runtime: The runtime this pipeline was compiled for.
+{docs}
+        cluster: Whether the operations parameters are checked too (a cluster run).
+        workspace_path: Where a local run's workspace is ("" on a cluster: no volume yet).
         run_id: The run's UUID (names the volume).
         run_name: The run's display name (annotated on the volume).
         pipeline: The pipeline's name (annotated on the volume).
 
     Returns:
-        Accelerator type and limit ("" and "" on CPU), CPU and memory requests, the volume's
-        name and annotations.
+        config: the validated run config (kfp_finetune.config.run_config.RunConfig.to_dict);
+        accelerator type and limit ("" and "" on CPU), CPU and memory requests, the volume's
+        name and annotations of the fine-tune task (empty for a local run).
     """
+    values = {{k: v for k, v in locals().items() if k not in {fixed!r}}}
     from kfp_finetune.steps.step_errors import step_errors
 
-    with step_errors("check-config", None):
-        from kfp_finetune.steps.check_config import check_cluster_settings
+    with step_errors("check-config", workspace_path or None):
+        from kfp_finetune.steps.check_run import check_config_task
 
-        s = check_cluster_settings(
-            gpus_per_node=gpus_per_node, accelerator_type=accelerator_type, cpu_request=cpu_request,
-            memory_request=memory_request, pvc_size=pvc_size, pvc_storage_class=pvc_storage_class,
-            pvc_access_modes=pvc_access_modes, hf_token_secret=hf_token_secret, s3_secret=s3_secret,
-            delete_workspace=delete_workspace, push_to=push_to, run_id=run_id, run_name=run_name,
-            pipeline=pipeline,
-        )
-        limit = f"{s.accelerator_limit} x {s.accelerator_type}" if s.accelerator_limit else "none"
-        print(f"[check-config] fine-tune: accelerators {limit}, cpu {s.cpu_request}, memory "
-              f"{s.memory_request}; workspace volume {s.pvc_name} ({pvc_size}, "
-              f"{pvc_storage_class})")
-        return (s.accelerator_type, s.accelerator_limit, s.cpu_request, s.memory_request,
-                s.pvc_name, s.pvc_annotations)
+        config, s = check_config_task(runtime, values, cluster=cluster, run_id=run_id,
+                                      run_name=run_name, pipeline=pipeline)
+        if s is None:
+            print(f"[check-config] {{runtime}}: config checked")
+            return (config, "", "", "", "", "", {{}})
+        limit = f"{{s.accelerator_limit}} x {{s.accelerator_type}}" if s.accelerator_limit \\
+            else "none"
+        print(f"[check-config] fine-tune: accelerators {{limit}}, cpu {{s.cpu_request}}, "
+              f"memory {{s.memory_request}}; workspace volume {{s.pvc_name}}")
+        return (config, s.accelerator_type, s.accelerator_limit, s.cpu_request,
+                s.memory_request, s.pvc_name, s.pvc_annotations)
+'''
+
+
+def _source(params: Sequence[Param]) -> str:
+    lines = [f"    {p.name}: Optional[{p.type.__name__}] = None," for p in params]
+    docs = []
+    for p in params:
+        words = f"{p.name}: {p.description}".split()
+        line, wrapped = "       ", []
+        for word in words:
+            if len(line) + len(word) + 1 > 96:
+                wrapped.append(line)
+                line = "           "
+            line += " " + word
+        docs.extend([*wrapped, line])
+    return _TEMPLATE.format(params="\n".join(lines), docs="\n".join(docs),
+                            fixed=FIXED_INPUTS)
+
+
+def build_check_config(params: Sequence[Param]) -> dsl.base_component.BaseComponent:
+    """The check-config component for these parameters (every one optional: absent is unset).
+
+    Args:
+        params: The parameters the pipeline passes on (all of the table on a cluster; the
+            given ones for a local run, since kfp.local needs a value for every input).
+    """
+    source = _source(params)
+    filename = f"<kfp-finetune check_config {abs(hash(source)):x}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace = {"NamedTuple": NamedTuple, "Optional": Optional}
+    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - our own generated code
+    return dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)(
+        namespace["check_config"])

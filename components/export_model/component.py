@@ -9,13 +9,10 @@ from kfp_finetune.config.images import CPU_IMAGE
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def export_model(
-    runtime: str,
+    config: dict,
     model: dsl.Output[dsl.Model],
     workspace_path: str = "/workspace",
-    export_name: str = "",
     run_id: str = "",
-    push_to: str = "",
-    copy_to_artifact: bool = False,
 ) -> NamedTuple("ExportInfo", [("path", str), ("exported_elsewhere", bool)]):
     """Write the final checkpoint to <workspace>/output/<name> as a Hugging Face model folder.
 
@@ -26,13 +23,12 @@ def export_model(
     copied into the artifact store only with copy_to_artifact.
 
     Args:
-        runtime: Runtime name (recorded in the metadata).
+        config: The run's validated config (check-config's output; see
+            kfp_finetune.config.run_config.RunConfig): runtime, export name, push_to and
+            copy_to_artifact are read from it.
         model: The Model artifact: metadata, plus the model files with copy_to_artifact.
         workspace_path: Where the workspace volume is mounted.
-        export_name: Folder under output/ ("" for <base model>-finetuned-<run id>).
         run_id: The KFP run's id; keeps runs from overwriting each other's exports.
-        push_to: Also copy the model to hf://org/repo[@branch] or s3://bucket/prefix ("" none).
-        copy_to_artifact: Also copy the model files into the KFP artifact store.
 
     Returns:
         path: folder of the exported model; exported_elsewhere: a copy exists off the volume.
@@ -43,9 +39,12 @@ def export_model(
         import json
         import shutil
 
+        from kfp_finetune.config.run_config import RunConfig
         from kfp_finetune.steps.export_model import export_model as export
 
-        result = export(workspace_path, runtime, export_name, run_id, push_to)
+        run = RunConfig.from_dict(config)
+        copy_to_artifact = run.copy_to_artifact
+        result = export(workspace_path, run.runtime, run.export_name, run_id, run.push_to)
         meta = {k: v for k, v in result.metadata.items() if k != "files" and v is not None}
         meta["destinations"] = result.destinations
         meta["files"] = result.files

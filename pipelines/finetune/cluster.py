@@ -1,4 +1,4 @@
-"""The cluster-only parts of the pipeline: check-config, the volume, the exit task, settings.
+"""The cluster-only parts of the pipeline: the volume, the exit task, the Kubernetes settings.
 
 Split from pipeline.py, which builds the pipeline for both targets and calls these only when
 compiling for a cluster.
@@ -9,7 +9,6 @@ from typing import Any
 
 from kfp import dsl, kubernetes
 
-from kfp_finetune.components.check_config import check_config
 from kfp_finetune.components.cleanup_workspace import cleanup_workspace
 from kfp_finetune.components.create_workspace import create_workspace
 from kfp_finetune.config.runtimes import Runtime
@@ -73,46 +72,19 @@ class Tasks:
     tokenize: dsl.PipelineTask
 
 
-@dataclass(frozen=True)
-class ClusterParams:
-    """The pipeline parameters (channels) that only the cluster settings use."""
-
-    hf_token_secret: Any
-    s3_secret: Any
-    pvc_size: Any
-    pvc_storage_class: Any
-    pvc_access_modes: Any
-    delete_workspace: Any
-    keep_workspace_on_failure: Any
-    push_to: Any
-    accelerator_type: Any
-    gpus_per_node: Any
-    node_selector: Any
-    tolerations: Any
-    cpu_request: Any
-    memory_request: Any
-
-
 def cluster_prelude(
-    name: str, p: ClusterParams
-) -> tuple[dsl.PipelineTask, dsl.PipelineTask, dsl.PipelineTask]:
-    """Add check-config, the workspace volume after it, and the exit task (cluster only).
+    check: dsl.PipelineTask, values: dict[str, Any]
+) -> tuple[dsl.PipelineTask, dsl.PipelineTask]:
+    """Add the workspace volume after check-config, and the exit task (cluster only).
 
-    check-config runs first so that a bad pvc_size never reaches CreatePVC (the backend's
-    ``createPVC``, backend/src/v2/driver/k8s.go, parses it with ``MustParse``) and every
-    resource field of the fine-tune pod comes from one of its STRING outputs.
+    check-config runs first so that a bad workspace_pvc_size never reaches CreatePVC (the
+    backend's ``createPVC``, backend/src/v2/driver/k8s.go, parses it with ``MustParse``) and
+    every resource field of the fine-tune pod comes from one of its STRING outputs.
+
+    Args:
+        check: The check-config task.
+        values: The pipeline's parameters (channels) by name.
     """
-    check = check_config(
-        gpus_per_node=p.gpus_per_node, accelerator_type=p.accelerator_type,
-        cpu_request=p.cpu_request, memory_request=p.memory_request, pvc_size=p.pvc_size,
-        pvc_storage_class=p.pvc_storage_class, pvc_access_modes=p.pvc_access_modes,
-        hf_token_secret=p.hf_token_secret, s3_secret=p.s3_secret,
-        delete_workspace=p.delete_workspace, push_to=p.push_to,
-        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-        pipeline=name,
-    )
-    check.set_display_name("check-config")
-    check.set_caching_options(False)  # it names this run's volume
     check.set_cpu_request(CHECK_CPU_REQUEST).set_memory_request(CHECK_MEMORY_REQUEST)
     kubernetes.set_timeout(check, CHECK_TIMEOUT_S)
     # Named kfp-finetune-<run id> (not a suffix, which the backend prefixes with a random
@@ -120,24 +92,25 @@ def cluster_prelude(
     pvc = create_workspace(
         pvc_name=check.outputs["pvc_name"],
         annotations=check.outputs["pvc_annotations"],
-        access_modes=p.pvc_access_modes,
-        size=p.pvc_size,
-        storage_class_name=p.pvc_storage_class,
+        access_modes=values["workspace_access_modes"],
+        size=values["workspace_pvc_size"],
+        storage_class_name=values["workspace_storage_class"],
     )
     pvc.set_display_name("create-workspace")
     # A cached CreatePVC can hand back a PVC that no longer exists.
     pvc.set_caching_options(False)
     cleanup = cleanup_workspace(
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        keep_workspace_on_failure=p.keep_workspace_on_failure,
-        delete_workspace=p.delete_workspace, push_to=p.push_to,
+        keep_workspace_on_failure=values["workspace_keep_on_failure"],
+        delete_workspace=values["workspace_delete_on_success"],
+        push_to=values["export_push_to"],
     )
     cleanup.set_display_name("cleanup-workspace")
     cleanup.set_caching_options(False)
     cleanup.set_cpu_request(CHECK_CPU_REQUEST).set_memory_request(CHECK_MEMORY_REQUEST)
     cleanup.set_retry(num_retries=2, backoff_duration="30s")
     kubernetes.set_timeout(cleanup, CHECK_TIMEOUT_S)
-    return check, pvc, cleanup
+    return pvc, cleanup
 
 
 def apply_cluster_settings(
@@ -146,20 +119,20 @@ def apply_cluster_settings(
     check: dsl.PipelineTask,
     pvc: dsl.PipelineTask,
     tasks: Tasks,
-    params: ClusterParams,
+    values: dict[str, Any],
 ) -> None:
     """Mount the volume; add Secrets, scheduling, resources, timeouts and retries (cluster only)."""
-    p, t = params, tasks
+    v, t = values, tasks
     for task in (t.data, t.model, t.tokenize, t.train, t.export):
         kubernetes.mount_pvc(task, pvc_name=pvc.outputs["name"], mount_path=WORKSPACE_MOUNT)
         task.set_caching_options(False)  # they write to the per-run volume (or push)
     for task in (t.data, t.model, t.export):
         kubernetes.use_secret_as_env(
-            task, secret_name=p.hf_token_secret,
+            task, secret_name=v["secret_hf_token"],
             secret_key_to_env={HF_TOKEN_ENV: HF_TOKEN_ENV}, optional=True,
         )
         kubernetes.use_secret_as_env(
-            task, secret_name=p.s3_secret,
+            task, secret_name=v["secret_s3"],
             secret_key_to_env={key: key for key in S3_SECRET_KEYS}, optional=True,
         )
         task.set_cpu_request(CPU_TASK_CPU_REQUEST).set_memory_request(CPU_TASK_MEMORY_REQUEST)
@@ -186,10 +159,10 @@ def apply_cluster_settings(
     # The SDK does not track channels used only in resource fields; without this it would not
     # pass them into the exit handler's group (compile fails: "... not found").
     train.register_pipeline_channels(resources)
-    kubernetes.add_node_selector_json(train, node_selector_json=p.node_selector)
+    kubernetes.add_node_selector_json(train, node_selector_json=v["cluster_node_selector"])
     if ops.gpu_toleration:
         kubernetes.add_toleration(train, **GPU_TOLERATION)
-    kubernetes.add_toleration_json(train, toleration_json=p.tolerations)
+    kubernetes.add_toleration_json(train, toleration_json=v["cluster_tolerations"])
     # NCCL and the data loader workers share memory through /dev/shm (64Mi by default).
     kubernetes.empty_dir_mount(train, volume_name="dshm", mount_path="/dev/shm",
                                medium="Memory", size_limit=ops.shm_size)

@@ -436,7 +436,7 @@ class HuggingFaceDatasetInitializer:
     ignore_patterns: list[str] | None = None
 
     def __post_init__(self) -> None:
-        from kfp_finetune.storage.fetch import check_ignore_patterns
+        from kfp_finetune.storage.selection import check_ignore_patterns
         from kfp_finetune.storage.uris import parse_storage_uri
 
         if isinstance(self.storage_uri, os.PathLike):
@@ -462,7 +462,7 @@ class HuggingFaceModelInitializer:
     ignore_patterns: list[str] | None = None
 
     def __post_init__(self) -> None:
-        from kfp_finetune.storage.fetch import check_ignore_patterns
+        from kfp_finetune.storage.selection import check_ignore_patterns
         from kfp_finetune.storage.uris import parse_storage_uri
 
         if isinstance(self.storage_uri, os.PathLike):

@@ -7,28 +7,11 @@ import re
 import sys
 from pathlib import Path
 
+from kfp_finetune.drivers.cli_options import add_parameter_options
 from kfp_finetune.errors import ConfigError, KfpFinetuneError
 from kfp_finetune.storage.ownership import check_workspace_path
 
 DEFAULT_WORKSPACE = "kfp-finetune-workspace"
-
-
-def parse_column_map(text: str) -> dict[str, str]:
-    """Parse ``input=COL,output=COL`` into a dict.
-
-    Raises:
-        ConfigError: An item is not ``key=value``.
-    """
-    result: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise ConfigError(
-                f"--column-map item {item!r} is not KEY=COLUMN; write e.g. "
-                "--column-map input=question,output=answer."
-            )
-        result[key.strip()] = value.strip()
-    return result
 
 
 def _cmd_runtimes(_: argparse.Namespace) -> int:
@@ -47,11 +30,16 @@ def _cmd_runtimes(_: argparse.Namespace) -> int:
 def _cmd_compile(args: argparse.Namespace) -> int:
     from kfp_finetune.config.runtimes import get_runtime
     from kfp_finetune.drivers.compile import REPO_COMPILED, check_compiled, compile_all
+    from kfp_finetune.drivers.docs import update_readme
 
     names = [get_runtime(n).name for n in args.runtime] if args.runtime else None
     out = Path(args.output_dir) if args.output_dir else REPO_COMPILED
+    readme = REPO_COMPILED.parent / "README.md"
+    in_repo = out.resolve() == REPO_COMPILED.resolve() and readme.exists()
     if args.check:
         problems = check_compiled(out, names)
+        if in_repo and not update_readme(readme, check=True):
+            problems.append(f"{readme}: parameter table stale (run `kfp-finetune compile`)")
         for line in problems:
             print(line, file=sys.stderr)
         if problems:
@@ -60,47 +48,35 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         return 0
     for path in compile_all(out, names):
         print(path)
+    if in_repo:
+        update_readme(readme)
     return 0
 
 
-def _config_from_args(args: argparse.Namespace):
-    from kfp_finetune.config.params import lora_from_params
-    from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
+def _cmd_parameters(_: argparse.Namespace) -> int:
+    from kfp_finetune.drivers.docs import parameters_markdown
 
-    column_map = parse_column_map(args.column_map) if args.column_map else None
-    return TorchTuneConfig(
-        dtype=args.dtype,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        loss=args.loss,
-        num_nodes=args.num_nodes,
-        resources_per_node=None if args.gpus is None else {"gpu": args.gpus},
-        dataset_preprocess_config=TorchTuneInstructDataset(
-            source=args.source,
-            split=args.split,
-            train_on_input=args.train_on_input,
-            new_system_prompt=args.new_system_prompt,
-            column_map=column_map,
-        ),
-        peft_config=lora_from_params(
-            args.peft, args.lora_rank or 0, args.lora_alpha or 0.0,
-            -1.0 if args.lora_dropout is None else args.lora_dropout,
-            args.lora_attn_modules.split(",") if args.lora_attn_modules else None,
-        ),
-        learning_rate=args.learning_rate,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        max_seq_len=args.max_seq_len,
-        packed=args.packed,
-        compile=args.compile,
-        activation_checkpointing=args.activation_checkpointing,
-        max_steps_per_epoch=args.max_steps_per_epoch,
-        seed=args.seed,
-        overrides=args.override or None,
-    )
+    print(parameters_markdown(), end="")
+    return 0
+
+
+def _run_from_args(args: argparse.Namespace, cluster: bool):
+    """The checked run config and the operations values of ``run``/``submit``'s options."""
+    from kfp_finetune.config.parameters import BY_NAME, OPS
+    from kfp_finetune.drivers.cli_options import values_from_args
+    from kfp_finetune.steps.check_run import check_run
+
+    values = values_from_args(args, cluster)
+    if not values.get("data_uri"):
+        raise ConfigError("--dataset-uri is required: the dataset's URI, e.g. hf://org/repo, "
+                          "s3://bucket/prefix or /abs/path/to/data.")
+    ops = {k: v for k, v in values.items() if BY_NAME[k].field == OPS}
+    run = check_run(args.runtime, {k: v for k, v in values.items() if k not in ops})
+    return run, ops
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from kfp_finetune.drivers.local import run_local
+    from kfp_finetune.drivers.local import run_config_local
 
     if not args.local:
         raise ConfigError(
@@ -108,10 +84,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "cluster, upload compiled/<runtime>.yaml to Kubeflow Pipelines."
         )
     check_workspace_path(args.workspace, "--workspace")  # never '' (the current directory)
-    config = _config_from_args(args)
-    result = run_local(
-        args.runtime, args.model_uri, args.dataset_uri, config, args.workspace, args.export_name
-    )
+    run, _ = _run_from_args(args, cluster=False)
+    result = run_config_local(run, args.workspace)
     print("\nloss per step:")
     for step, loss in result.losses:
         print(f"  step {step:4d}  loss {loss:.4f}")
@@ -148,58 +122,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     args.local = True
     args.runtime = "torchtune-llama3.2-tiny"
     args.model_uri = str(fixtures["llama3_2"])
-    args.dataset_uri = str(fixtures["alpaca"] / "data")
+    args.data_uri = str(fixtures["alpaca"] / "data")
     return _cmd_run(args)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace", default=DEFAULT_WORKSPACE,
                    help=f"local folder used as the workspace volume (default: {DEFAULT_WORKSPACE})")
-    _add_training_options(p)
-
-
-def _add_training_options(p: argparse.ArgumentParser) -> None:
-    # The options `run` and `submit` share (everything but where the run happens).
-    p.add_argument("--dtype", help="bf16 or fp32 (default: the runtime's)")
-    p.add_argument("--batch-size", type=int, help="samples per device per step")
-    p.add_argument("--epochs", type=int, help="passes over the dataset")
-    p.add_argument("--loss", help="loss: CEWithChunkedOutputLoss (default)")
-    p.add_argument("--num-nodes", type=int, default=None, help="nodes (only 1 is supported)")
-    p.add_argument("--gpus", type=int, help="GPUs per node (0 = CPU; default: the runtime's)")
-    p.add_argument("--source", help="format of the data files: parquet (default), json, csv, ...")
-    p.add_argument("--split", help="split expression, e.g. train[:95%%] (default: train)")
-    p.add_argument("--train-on-input", action=argparse.BooleanOptionalAction, default=None,
-                   help="whether the prompt counts in the loss (default: no)")
-    p.add_argument("--new-system-prompt", help="system prompt prepended to every sample")
-    p.add_argument("--column-map", help="expected=yours pairs, e.g. input=question,output=answer")
-    p.add_argument("--export-name", default="", help="folder name under output/ for the model")
-    p.add_argument("--peft", default="none", help="none (full), lora, qlora or dora")
-    p.add_argument("--lora-rank", type=int, help="LoRA rank (default: the torchtune config's)")
-    p.add_argument("--lora-alpha", type=float, help="LoRA alpha")
-    p.add_argument("--lora-dropout", type=float, help="LoRA dropout")
-    p.add_argument("--lora-attn-modules", help="e.g. q_proj,v_proj,output_proj")
-    p.add_argument("--learning-rate", type=float, help="learning rate")
-    p.add_argument("--gradient-accumulation-steps", type=int, help="batches per update")
-    p.add_argument("--max-seq-len", type=int, help="longest tokenized sample (needed to pack)")
-    for flag, text in (("packed", "pack samples into max_seq_len sequences"),
-                       ("compile", "torch.compile the model and loss"),
-                       ("activation-checkpointing", "recompute activations to save memory")):
-        p.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
-                       help=f"{text} (default: the runtime's)")
-    p.add_argument("--max-steps-per-epoch", type=int, help="stop each epoch after N steps")
-    p.add_argument("--seed", type=int, help="random seed (default 42)")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="raw torchtune override, applied last (repeatable)")
+    add_parameter_options(p.add_argument_group("pipeline parameters"), cluster=False)
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from kfp_finetune.drivers.local import pipeline_arguments
     from kfp_finetune.drivers.submit import (
         Connection,
         api_errors,
         make_client,
         normalize_cron,
-        ops_arguments,
         submit,
         wait,
     )
@@ -208,20 +146,11 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--wait follows one run; a --schedule creates runs later. Drop one of the two."
         )
-    config = _config_from_args(args)
-    arguments = pipeline_arguments(
-        args.runtime, args.model_uri, args.dataset_uri, config, args.export_name
-    )
-    arguments.update(ops_arguments(
-        push_to=args.push_to, delete_workspace=args.delete_workspace,
-        keep_workspace_on_failure=args.keep_workspace_on_failure,
-        copy_to_artifact=args.copy_to_artifact, pvc_size=args.pvc_size,
-        pvc_storage_class=args.pvc_storage_class, pvc_access_mode=args.pvc_access_mode,
-        accelerator_type=args.accelerator_type, node_selector=args.node_selector,
-        tolerations=args.tolerations, cpu_request=args.cpu_request,
-        memory_request=args.memory_request, hf_token_secret=args.hf_token_secret,
-        s3_secret=args.s3_secret,
-    ))
+    from kfp_finetune.config.run_config import to_values
+    from kfp_finetune.drivers.submit_checks import check_ops_values
+
+    run, ops = _run_from_args(args, cluster=True)
+    arguments = {**to_values(run), **check_ops_values({**ops, "export_push_to": run.push_to})}
     if args.schedule is not None:
         normalize_cron(args.schedule)  # checked before anything is sent
     conn = Connection(
@@ -267,26 +196,8 @@ def _add_submit_options(p: argparse.ArgumentParser) -> None:
     r.add_argument("--wait-timeout", type=float, default=7 * 24 * 3600,
                    help="seconds --wait waits (default: 7 days)")
     r.add_argument("--poll-interval", type=float, default=30.0, help=argparse.SUPPRESS)
-    o = p.add_argument_group("operations (default: the pipeline's)")
-    o.add_argument("--push-to", default="",
-                   help="also copy the model to hf://org/repo[@branch] or s3://bucket/prefix")
-    o.add_argument("--delete-workspace", action="store_true",
-                   help="delete the run's volume after the export (needs --push-to)")
-    o.add_argument("--keep-workspace-on-failure", action="store_true",
-                   help="keep a failed run's volume (for debugging or the UI's retry)")
-    o.add_argument("--copy-to-artifact", action="store_true",
-                   help="also copy the weights into the KFP artifact store")
-    o.add_argument("--pvc-size", help="size of the per-run volume, e.g. 100Gi")
-    o.add_argument("--pvc-storage-class", help="StorageClass of the volume")
-    o.add_argument("--pvc-access-mode", help="ReadWriteOnce (default) or ReadWriteMany")
-    o.add_argument("--accelerator-type", help="accelerator resource, e.g. nvidia.com/gpu")
-    o.add_argument("--node-selector", metavar="JSON",
-                   help='node labels for fine-tune, e.g. \'{"gpu": "a100"}\'')
-    o.add_argument("--tolerations", metavar="JSON", help="JSON list of tolerations for fine-tune")
-    o.add_argument("--cpu-request", help="CPUs for fine-tune, e.g. 8")
-    o.add_argument("--memory-request", help="memory for fine-tune, e.g. 64Gi")
-    o.add_argument("--hf-token-secret", help="Secret with key HF_TOKEN (default: hf-token)")
-    o.add_argument("--s3-secret", help="Secret with AWS_* keys (default: s3-credentials)")
+    add_parameter_options(p.add_argument_group("pipeline parameters (default: the pipeline's)"),
+                          cluster=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,12 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="write here instead of the repository's compiled/")
     p.set_defaults(func=_cmd_compile)
 
+    p = sub.add_parser("parameters", help="list the pipeline parameters (Markdown table)")
+    p.set_defaults(func=_cmd_parameters)
+
     p = sub.add_parser("run", help="run the whole pipeline (--local: on this machine)")
     p.add_argument("--local", action="store_true", help="run with kfp.local on this machine")
     p.add_argument("--runtime", required=True, help="runtime name (kfp-finetune runtimes)")
-    p.add_argument("--model-uri", default="", help="hf://org/repo, file:///path or /path")
-    p.add_argument("--dataset-uri", required=True,
-                   help="hf://org/repo[/dir-or-file], file:///path or /path")
     _add_run_options(p)
     p.set_defaults(func=_cmd_run)
 
@@ -320,9 +231,6 @@ def build_parser() -> argparse.ArgumentParser:
         "submit", help="upload the pipeline to Kubeflow and start a run (or a recurring run)"
     )
     p.add_argument("--runtime", required=True, help="runtime name (kfp-finetune runtimes)")
-    p.add_argument("--model-uri", default="", help="hf://org/repo (default: the runtime's)")
-    p.add_argument("--dataset-uri", required=True, help="hf://org/repo[/dir-or-file]")
-    _add_training_options(p)
     _add_submit_options(p)
     p.set_defaults(func=_cmd_submit)
 

@@ -21,16 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kfp_finetune.config.params import training_params
-from kfp_finetune.config.runtimes import get_runtime
-from kfp_finetune.config.types import Loss, TorchTuneConfig, TorchTuneInstructDataset
-from kfp_finetune.steps.export_model import check_export_name, latest_export
+from kfp_finetune.config.run_config import RunConfig, to_values
+from kfp_finetune.config.types import TorchTuneConfig
+from kfp_finetune.steps.check_run import resolve_run
+from kfp_finetune.steps.export_model import latest_export
 from kfp_finetune.steps.report import LOSS_CURVE_FILE
 from kfp_finetune.steps.step_errors import clear_record, step_error
 from kfp_finetune.steps.training_log import read_metrics
-from kfp_finetune.steps.tune_config import resolve
-from kfp_finetune.storage.fetch import check_ignore_patterns
-from kfp_finetune.storage.uris import parse_storage_uri
 from kfp_finetune.storage.workspace import Workspace, workspace_lock
 
 
@@ -52,35 +49,20 @@ def pipeline_arguments(
     export_name: str = "",
     model_ignore_patterns: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Validate the inputs and turn them into the pipeline's parameters.
+    """Validate the inputs and turn them into the pipeline's parameters (the set ones).
 
     Raises:
         KfpFinetuneError: Any input is invalid (before anything runs).
     """
-    runtime = get_runtime(runtime_name)
-    resolved = resolve(runtime, config)
-    parse_storage_uri(dataset_uri, "dataset")
-    parse_storage_uri(model_uri or runtime.model_uri, "model")
-    check_export_name(export_name)
-    pre = config.dataset_preprocess_config or TorchTuneInstructDataset()
-    return {
-        "model_uri": model_uri or runtime.model_uri,
-        "dataset_uri": dataset_uri,
-        "dtype": resolved.dtype.value,
-        "batch_size": resolved.batch_size,
-        "epochs": resolved.epochs,
-        "loss": (config.loss or Loss.CEWithChunkedOutputLoss).value,
-        "num_nodes": 1,
-        "gpus_per_node": resolved.gpus,
-        "source": pre.source.value,
-        "split": pre.split,
-        "train_on_input": bool(pre.train_on_input),
-        "new_system_prompt": pre.new_system_prompt or "",
-        "column_map": dict(pre.column_map or {}),
-        **training_params(config),
-        "model_ignore_patterns": list(check_ignore_patterns(model_ignore_patterns)),
-        "export_name": export_name,
-    }
+    run = RunConfig(runtime=runtime_name, dataset_uri=dataset_uri, model_uri=model_uri or "",
+                    model_ignore_patterns=list(model_ignore_patterns or []),
+                    export_name=export_name or "", trainer=config)
+    return run_arguments(run)
+
+
+def run_arguments(run: RunConfig) -> dict[str, Any]:
+    """The run-form values of a config, after the checks check-config will run."""
+    return to_values(resolve_run(run))
 
 
 def run_local(
@@ -111,13 +93,19 @@ def run_local(
         KfpFinetuneError: A step stopped on one of our errors: the step's own class and
             message (its ``step`` attribute names the step), not kfp.local's "task failed".
     """
+    run = RunConfig(runtime=runtime_name, dataset_uri=dataset_uri, model_uri=model_uri or "",
+                    model_ignore_patterns=list(model_ignore_patterns or []),
+                    export_name=export_name or "", trainer=config)
+    return run_config_local(run, workspace)
+
+
+def run_config_local(run: RunConfig, workspace: str | Path) -> LocalRunResult:
+    """Run the whole pipeline locally for one ``RunConfig`` (see ``run_local``)."""
     from kfp import local
 
     from kfp_finetune.pipelines.finetune import build_pipeline
 
-    arguments = pipeline_arguments(
-        runtime_name, model_uri, dataset_uri, config, export_name, model_ignore_patterns
-    )
+    arguments = run_arguments(run)
     ws = Workspace.at(workspace, adopt=False)  # refused before the lock file is written
     with workspace_lock(ws.root, "kfp-finetune run --local"), task_scope() as scratch:
         Workspace.at(ws.root)  # adopted (marker written) only by the run that holds the lock
@@ -127,7 +115,7 @@ def run_local(
             workspace_root=str(scratch / "kfp-workspace"),
             raise_on_error=True,
         )
-        pipeline = build_pipeline(runtime_name, local_workspace=str(ws.root))
+        pipeline = build_pipeline(run.runtime, local_workspace=str(ws.root), given=arguments)
         clear_record(ws.root)
         try:
             pipeline(**arguments)
@@ -136,7 +124,7 @@ def run_local(
             if error is None:
                 raise
             raise error from None
-        model_dir = latest_export(ws, export_name)
+        model_dir = latest_export(ws, run.export_name)
         curve = publish_loss_curve(ws.root / ".kfp-local-outputs")
     return LocalRunResult(ws.root, model_dir, read_metrics(ws.checkpoints_dir / "logs"), curve)
 

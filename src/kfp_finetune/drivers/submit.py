@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kfp_finetune.drivers.submit_checks import normalize_cron, ops_arguments  # noqa: F401 (public here)
+from kfp_finetune.drivers.submit_checks import normalize_cron, ops_values  # noqa: F401 (public here)
 from kfp_finetune.errors import ConfigError
 from kfp_finetune.storage.credentials import redact
 
@@ -265,7 +265,7 @@ def submit(
         client: A ``kfp.Client``.
         runtime_name: Runtime name.
         arguments: Pipeline parameters (validated, e.g. by ``pipeline_arguments`` and
-            :func:`ops_arguments`).
+            :func:`ops_values`).
         experiment: Experiment to file the run under (created if missing).
         run_name: Display name of the run (default: runtime and UTC time).
         schedule: Cron expression (see :func:`normalize_cron`); None for one run now.

@@ -9,7 +9,6 @@ first, each within its range.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -88,108 +87,97 @@ def normalize_cron(expression: str) -> str:
     return " ".join(fields)
 
 
-def _json_arg(text: str | None, name: str, kind: type) -> Any:
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = None
-    if not isinstance(value, kind):
-        example = ('\'{"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}\'' if kind is dict
-                   else '\'[{"key": "nvidia.com/gpu", "operator": "Exists", '
-                        '"effect": "NoSchedule"}]\'')
-        raise ConfigError(
-            f"{name} {text!r} is not a JSON {'object' if kind is dict else 'list'}; write e.g. "
-            f"{name} {example}."
-        )
-    return value
-
-
-def _check_scheduling(node_selector: str | None, tolerations: str | None) -> tuple[Any, Any]:
-    selector = _json_arg(node_selector, "--node-selector", dict)
+def _check_scheduling(selector: Any, tolerations: Any) -> None:
     if selector is not None and not all(isinstance(v, str) for v in selector.values()):
         raise ConfigError(
-            f"--node-selector {node_selector!r}: every label value must be a string; quote "
+            f"--node-selector {selector!r}: every label value must be a string; quote "
             "numbers and booleans."
         )
-    tols = _json_arg(tolerations, "--tolerations", list)
-    for tol in tols or []:
+    for tol in tolerations or []:
         if not isinstance(tol, dict) or not set(tol) <= _TOLERATION_KEYS:
             raise ConfigError(
                 f"--tolerations item {tol!r} is not a Kubernetes toleration; use only the keys "
                 f"{', '.join(sorted(_TOLERATION_KEYS))}."
             )
-    return selector, tols
 
 
-def ops_arguments(
-    *,
-    push_to: str = "",
-    delete_workspace: bool = False,
-    keep_workspace_on_failure: bool = False,
-    copy_to_artifact: bool = False,
-    pvc_size: str | None = None,
-    pvc_storage_class: str | None = None,
-    pvc_access_mode: str | None = None,
-    accelerator_type: str | None = None,
-    node_selector: str | None = None,
-    tolerations: str | None = None,
-    cpu_request: str | None = None,
-    memory_request: str | None = None,
-    hf_token_secret: str | None = None,
-    s3_secret: str | None = None,
-) -> dict[str, Any]:
-    """Validate the operations options and turn the given ones into pipeline parameters.
+def check_ops_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Check the operations options given on the command line (the others keep defaults).
 
-    Options left as None keep the pipeline's defaults.
+    Args:
+        values: Run-form values by parameter name (maps and lists already parsed); only the
+            operations settings and ``export_push_to`` are looked at.
+
+    Returns:
+        The operations settings among ``values``, unchanged.
 
     Raises:
-        ConfigError: An option is malformed, or ``delete_workspace`` would delete the only copy.
+        ConfigError: An option is malformed (named by its flag), or
+            ``--delete-workspace`` would delete the only copy.
     """
-    from kfp_finetune.steps.export_model import parse_destination
+    from kfp_finetune.storage.uris import parse_destination
 
-    dest = parse_destination(push_to)
-    if delete_workspace and dest is None:
+    v = values
+    if v.get("workspace_delete_on_success") and parse_destination(
+            v.get("export_push_to") or "") is None:
         raise ConfigError(
             "--delete-workspace without --push-to would delete the only copy of the model (it "
             "lives on the workspace volume); add --push-to hf://org/repo or s3://bucket/prefix, "
             "or keep the volume."
         )
-    if pvc_size is not None:
-        check_pvc_size(pvc_size, "--pvc-size")
-    if cpu_request is not None:
-        check_positive_quantity(cpu_request, "--cpu-request", "8 or 7500m")
-    if memory_request is not None:
-        check_positive_quantity(memory_request, "--memory-request", "64Gi")
-    if pvc_access_mode is not None and pvc_access_mode not in ACCESS_MODES:
+    if "workspace_pvc_size" in v:
+        check_pvc_size(v["workspace_pvc_size"], "--pvc-size")
+    if "cluster_cpu_request" in v:
+        check_positive_quantity(v["cluster_cpu_request"], "--cpu-request", "8 or 7500m")
+    if "cluster_memory_request" in v:
+        check_positive_quantity(v["cluster_memory_request"], "--memory-request", "64Gi")
+    mode = (v.get("workspace_access_modes") or [None])[0]
+    if mode is not None and mode not in ACCESS_MODES:
         raise ConfigError(
-            f"--pvc-access-mode {pvc_access_mode!r} is not an access mode; use one of "
+            f"--pvc-access-mode {mode!r} is not an access mode; use one of "
             f"{', '.join(ACCESS_MODES)}."
         )
-    for name, value, what, example in (
-            ("--pvc-storage-class", pvc_storage_class, "StorageClass", "standard"),
-            ("--hf-token-secret", hf_token_secret, "Secret", "hf-token"),
-            ("--s3-secret", s3_secret, "Secret", "s3-credentials")):
-        if value is not None:
-            check_object_name(value, name, what, example)
-    if accelerator_type is not None:
-        accelerator(1, accelerator_type)
-    selector, tols = _check_scheduling(node_selector, tolerations)
-    args: dict[str, Any] = {
-        "push_to": push_to,
-        "delete_workspace": delete_workspace,
-        "keep_workspace_on_failure": keep_workspace_on_failure,
-        "copy_to_artifact": copy_to_artifact,
-        "pvc_size": pvc_size,
-        "pvc_storage_class": pvc_storage_class,
-        "pvc_access_modes": None if pvc_access_mode is None else [pvc_access_mode],
-        "accelerator_type": accelerator_type,
-        "node_selector": selector,
-        "tolerations": tols,
-        "cpu_request": cpu_request,
-        "memory_request": memory_request,
-        "hf_token_secret": hf_token_secret,
-        "s3_secret": s3_secret,
-    }
-    return {k: v for k, v in args.items() if v is not None}
+    for name, flag, what, example in (
+            ("workspace_storage_class", "--pvc-storage-class", "StorageClass", "standard"),
+            ("secret_hf_token", "--hf-token-secret", "Secret", "hf-token"),
+            ("secret_s3", "--s3-secret", "Secret", "s3-credentials")):
+        if name in v:
+            check_object_name(v[name], flag, what, example)
+    if "cluster_accelerator_type" in v:
+        accelerator(1, v["cluster_accelerator_type"])
+    _check_scheduling(v.get("cluster_node_selector"), v.get("cluster_tolerations"))
+    from kfp_finetune.config.parameters import BY_NAME, OPS
+
+    return {k: value for k, value in v.items() if BY_NAME[k].field == OPS}
+
+
+def ops_values(options: dict[str, Any]) -> dict[str, Any]:
+    """Operations settings given in Python (``KfpBackendConfig.pipeline_options``), checked.
+
+    Keys are run-form parameter names (earlier names accepted with a warning); maps and lists
+    may be given as JSON text, an access mode as one string.
+
+    Raises:
+        ConfigError: A key is not an operations setting, or a value is malformed.
+    """
+    from kfp_finetune.config.parameters import BY_NAME, OPS
+    from kfp_finetune.config.run_config import canonical_names
+    from kfp_finetune.drivers.cli_options import json_option
+
+    if "pvc_access_mode" in options:  # the single-mode spelling of earlier releases
+        options = {**options, "workspace_access_modes": options["pvc_access_mode"]}
+        options.pop("pvc_access_mode")
+    ops_names = sorted(p.name for p in BY_NAME.values() if p.field == OPS)
+    values = canonical_names(options)
+    for name, value in values.items():
+        param = BY_NAME[name]
+        if param.field != OPS:
+            raise ConfigError(
+                f"pipeline_options key {name!r} is not an operations setting (training "
+                f"settings go in TorchTuneConfig); use among: {', '.join(ops_names)}."
+            )
+        if param.cli_style == "json" and isinstance(value, str):
+            values[name] = json_option(value, param)
+        elif param.cli_style == "single" and isinstance(value, str):
+            values[name] = [value]
+    return check_ops_values(values)

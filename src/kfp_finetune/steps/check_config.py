@@ -89,7 +89,7 @@ def check_positive_quantity(value: Any, name: str, example: str) -> str:
     return value
 
 
-def check_pvc_size(value: Any, name: str = "pvc_size") -> str:
+def check_pvc_size(value: Any, name: str = "workspace_pvc_size") -> str:
     """Check the workspace volume's size (``createPVC`` would ``MustParse`` it and crash).
 
     Raises:
@@ -129,7 +129,7 @@ def check_object_name(value: Any, name: str, what: str, example: str) -> str:
     return value
 
 
-def check_access_modes(value: Any, name: str = "pvc_access_modes") -> list[str]:
+def check_access_modes(value: Any, name: str = "workspace_access_modes") -> list[str]:
     """Check the volume's access modes (``createPVC`` maps an unknown one to "").
 
     Raises:
@@ -155,16 +155,16 @@ def accelerator(gpus_per_node: Any, accelerator_type: Any) -> tuple[str, str]:
     if isinstance(gpus_per_node, bool) or not isinstance(gpus_per_node, int) or not (
             0 <= gpus_per_node <= MAX_GPUS):
         raise ConfigError(
-            f"gpus_per_node={gpus_per_node!r} must be a whole number from 0 (train on CPU) to "
-            f"{MAX_GPUS} (one node's GPUs)."
+            f"train_gpus_per_node={gpus_per_node!r} must be a whole number from 0 (train on "
+            f"CPU) to {MAX_GPUS} (one node's GPUs)."
         )
     if gpus_per_node == 0:
         return "", ""
     if not isinstance(accelerator_type, str) or not _RESOURCE_NAME.match(accelerator_type):
         raise ConfigError(
-            f"accelerator_type={accelerator_type!r} is not a Kubernetes resource name; with "
-            f"gpus_per_node={gpus_per_node} name the GPU resource, e.g. {GPU_RESOURCE!r} or "
-            "'amd.com/gpu'."
+            f"cluster_accelerator_type={accelerator_type!r} is not a Kubernetes resource name; "
+            f"with train_gpus_per_node={gpus_per_node} name the GPU resource, e.g. "
+            f"{GPU_RESOURCE!r} or 'amd.com/gpu'."
         )
     return accelerator_type, str(gpus_per_node)
 
@@ -210,50 +210,45 @@ class ClusterSettings:
 
 def check_secret_names(hf_token_secret: Any, s3_secret: Any) -> None:
     """Check both Secret names (non-empty DNS names; the Secrets themselves are optional)."""
-    check_object_name(hf_token_secret, "hf_token_secret", "Secret", "hf-token")
-    check_object_name(s3_secret, "s3_secret", "Secret", "s3-credentials")
+    check_object_name(hf_token_secret, "secret_hf_token", "Secret", "hf-token")
+    check_object_name(s3_secret, "secret_s3", "Secret", "s3-credentials")
 
 
 def check_cluster_settings(
-    *,
-    gpus_per_node: Any,
-    accelerator_type: Any,
-    cpu_request: Any,
-    memory_request: Any,
-    pvc_size: Any,
-    pvc_storage_class: Any,
-    pvc_access_modes: Any,
-    hf_token_secret: Any,
-    s3_secret: Any,
-    delete_workspace: bool = False,
-    push_to: str = "",
-    run_id: str = "",
-    run_name: str = "",
-    pipeline: str = "",
+    values: dict[str, Any], run_id: str = "", run_name: str = "", pipeline: str = ""
 ) -> ClusterSettings:
     """Check every operations parameter of a cluster run; return what the backend needs.
+
+    Args:
+        values: Run-form values by parameter name (``cluster_*``, ``workspace_*``,
+            ``secret_*``, ``train_gpus_per_node``, ``export_push_to``).
+        run_id: The run's UUID (names the volume).
+        run_name: The run's display name (annotated on the volume).
+        pipeline: The pipeline's name (annotated on the volume).
 
     Raises:
         ConfigError: The first bad value, named, with what was expected.
     """
-    acc_type, acc_limit = accelerator(gpus_per_node, accelerator_type)
-    check_positive_quantity(cpu_request, "cpu_request", "8 or 7500m")
-    check_positive_quantity(memory_request, "memory_request", "64Gi")
-    check_pvc_size(pvc_size)
-    check_object_name(pvc_storage_class, "pvc_storage_class", "StorageClass", "standard")
-    check_access_modes(pvc_access_modes)
-    check_secret_names(hf_token_secret, s3_secret)
-    if delete_workspace and not (push_to or "").strip():
+    v = values
+    acc_type, acc_limit = accelerator(v["train_gpus_per_node"], v["cluster_accelerator_type"])
+    check_positive_quantity(v["cluster_cpu_request"], "cluster_cpu_request", "8 or 7500m")
+    check_positive_quantity(v["cluster_memory_request"], "cluster_memory_request", "64Gi")
+    check_pvc_size(v["workspace_pvc_size"])
+    check_object_name(v["workspace_storage_class"], "workspace_storage_class", "StorageClass",
+                      "standard")
+    check_access_modes(v["workspace_access_modes"])
+    check_secret_names(v["secret_hf_token"], v["secret_s3"])
+    if v.get("workspace_delete_on_success") and not (v.get("export_push_to") or "").strip():
         raise ConfigError(
-            "delete_workspace=true without push_to would delete the only copy of the model (it "
-            "lives on the workspace volume); set push_to to hf://org/repo or s3://bucket/prefix, "
-            "or set delete_workspace=false."
+            "workspace_delete_on_success=true without export_push_to would delete the only "
+            "copy of the model (it lives on the workspace volume); set export_push_to to "
+            "hf://org/repo or s3://bucket/prefix, or set workspace_delete_on_success=false."
         )
     return ClusterSettings(
         accelerator_type=acc_type,
         accelerator_limit=acc_limit,
-        cpu_request=cpu_request,
-        memory_request=memory_request,
+        cpu_request=v["cluster_cpu_request"],
+        memory_request=v["cluster_memory_request"],
         pvc_name=workspace_pvc_name(run_id),
         pvc_annotations=pvc_annotations(pipeline, run_id, run_name),
     )

@@ -48,28 +48,25 @@ from kfp_finetune.steps.completion import (
     prepare_output,
     resumable_epochs,  # noqa: F401 - public before it moved to completion.py
 )
-from kfp_finetune.steps.dataset_plan import DatasetPlan, plan_dataset
 from kfp_finetune.steps.gpu_defaults import detect_gpu_memory_gib
 from kfp_finetune.steps.gpus import check_gpus_visible
 from kfp_finetune.steps.held_out import HeldOut, prepare_held_out
-from kfp_finetune.steps.model_check import check_model
 from kfp_finetune.steps.tokenize_dataset import pretokenized_conf
 from kfp_finetune.steps.training_log import losses, read_metric_rows, read_metrics, summarize
 from kfp_finetune.steps.tune_config import (
     RecipeChoice,
     ResolvedConfig,
     config_fingerprint,
-    render_config,
+    prepare_run,
+    prepare_training,  # noqa: F401 - the name callers import from this module
     resolve,
 )
-from kfp_finetune.storage.content import dataset_cache
 from kfp_finetune.storage.workspace import (
     MANIFEST,
     Workspace,
     check_free_space,
     free_bytes,
     read_manifest,
-    require_complete,
     tree_bytes,
     workspace_lock,
     write_json_atomic,
@@ -117,34 +114,6 @@ class TrainSummary:
     def final_loss(self) -> float:
         """Loss of the last logged step (NaN when none was logged)."""
         return self.losses[-1][1] if self.losses else float("nan")
-
-
-def prepare_training(
-    ws: Workspace, runtime: Runtime, resolved: ResolvedConfig, preprocess: TorchTuneInstructDataset
-) -> tuple[RecipeChoice, dict[str, Any]]:
-    """Check the workspace's dataset and model and render the torchtune config."""
-    choice, conf, _ = _prepare(ws, runtime, resolved, preprocess)
-    return choice, conf
-
-
-def _prepare(
-    ws: Workspace, runtime: Runtime, resolved: ResolvedConfig, preprocess: TorchTuneInstructDataset
-) -> tuple[RecipeChoice, dict[str, Any], DatasetPlan]:
-    dataset = require_complete(ws.dataset_dir, "dataset-initializer")
-    require_complete(ws.model_dir, "model-initializer")
-    info = check_model(ws.model_dir, runtime)
-    cache = dataset_cache(ws.cache_dir / "datasets", ws.dataset_dir, dataset)
-    plan = plan_dataset(ws.dataset_dir, preprocess, cache)
-    choice, conf = render_config(
-        runtime,
-        resolved,
-        model_dir=ws.model_dir,
-        model=info,
-        dataset=plan,
-        output_dir=ws.checkpoints_dir,
-        cache_dir=cache,
-    )
-    return choice, conf, plan
 
 
 def run_fine_tune(
@@ -200,7 +169,7 @@ def _run_locked(
     """The fine-tune step while it holds the workspace's fine-tune lock."""
     from omegaconf import OmegaConf
 
-    choice, conf, plan = _prepare(ws, runtime, resolved, preprocess)
+    choice, conf, plan = prepare_run(ws, runtime, resolved, preprocess)
     fingerprint, inputs = inputs_fingerprint(ws, config_fingerprint(conf))
     held = (prepare_held_out(ws, conf, plan, preprocess, eval_split, inputs, log,
                              resolved.gpu_memory_gib) if eval_split else None)

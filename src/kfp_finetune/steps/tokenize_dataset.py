@@ -214,8 +214,7 @@ def tokenize_dataset(
     """
     from kfp_finetune.config.runtimes import get_runtime
     from kfp_finetune.config.types import TorchTuneInstructDataset
-    from kfp_finetune.steps.fine_tune import prepare_training
-    from kfp_finetune.steps.tune_config import resolve
+    from kfp_finetune.steps.tune_config import prepare_training, resolve
 
     start = time.monotonic()
     runtime = get_runtime(runtime_name)

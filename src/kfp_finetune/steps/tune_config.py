@@ -1,38 +1,33 @@
-"""Recipe choice and the torchtune config that the fine-tune step runs.
+"""The torchtune config that the fine-tune step runs: defaults resolved, overrides applied.
 
-The recipe and base config follow Kubeflow Trainer's table (GPU count, LoRA, QLoRA):
-
-========================  ===============================  ===================================
-GPUs per node              recipe                           config
-========================  ===============================  ===================================
-0 (CPU) or 1               ``full_finetune_single_device``  ``<family>/<size>_full_single_device``
-0 (CPU) or 1, LoRA         ``lora_finetune_single_device``  ``..._lora_single_device`` (QLoRA:
-                                                            ``..._qlora_single_device``)
-2..8                       ``full_finetune_distributed``    ``<family>/<size>_full``
-2..8, LoRA                 ``lora_finetune_distributed``    ``..._lora`` (QLoRA: ``..._qlora``)
-========================  ===============================  ===================================
-
+The recipe and its base config are chosen in ``steps.recipes`` (Kubeflow Trainer's table).
 The base config is torchtune's own YAML; the overrides below are applied to it and the whole
 result is saved beside the checkpoint, so every value used is visible.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import importlib.util
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kfp_finetune.config.runtimes import Runtime
-from kfp_finetune.config.types import DataType, LoraConfig, Loss, TorchTuneConfig
+from kfp_finetune.config.types import (
+    DataType,
+    LoraConfig,
+    Loss,
+    TorchTuneConfig,
+    TorchTuneInstructDataset,
+)
 from kfp_finetune.errors import ConfigError
-from kfp_finetune.steps.dataset_plan import DatasetPlan
+from kfp_finetune.steps.dataset_plan import DatasetPlan, plan_dataset
 from kfp_finetune.steps.gpu_defaults import cap_warmup, memory_defaults
-from kfp_finetune.steps.model_check import ModelInfo
+from kfp_finetune.steps.model_check import ModelInfo, check_model
+from kfp_finetune.steps.recipes import RecipeChoice, base_config_path, select_recipe
+from kfp_finetune.storage.content import dataset_cache
+from kfp_finetune.storage.workspace import Workspace, require_complete
 
 # Builders of the -tiny runtimes (module kfp_finetune.plugins.hf_models), by (family, LoRA).
 BUILDERS = {
@@ -78,26 +73,6 @@ class ResolvedConfig:
             overrides=list(self.overrides),
         )
         return data
-
-
-@dataclass(frozen=True)
-class RecipeChoice:
-    """The torchtune recipe, its base config and how to launch it."""
-
-    recipe: str
-    config: str
-    nproc: int
-    device: str
-
-    @property
-    def distributed(self) -> bool:
-        """Whether torchrun starts several processes."""
-        return self.nproc > 1
-
-    def command(self, config_path: Path) -> list[str]:
-        """The ``tune run`` command line."""
-        launch = ["--nproc_per_node", str(self.nproc)] if self.distributed else []
-        return ["tune", "run", *launch, self.recipe, "--config", str(config_path)]
 
 
 def resolve(runtime: Runtime, config: TorchTuneConfig,
@@ -154,70 +129,6 @@ def resolve(runtime: Runtime, config: TorchTuneConfig,
     return resolved
 
 
-def _torchtune_dir() -> Path:
-    """Find torchtune's package folder without importing it (importing pulls in torch)."""
-    spec = importlib.util.find_spec("torchtune")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("torchtune is not installed; install kfp-finetune with its dependencies.")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-@functools.lru_cache(maxsize=1)
-def _available_configs() -> dict[str, str]:
-    """List torchtune's built-in configs (name -> recipe) from its registry module alone."""
-    path = _torchtune_dir() / "_recipe_registry.py"
-    spec = importlib.util.spec_from_file_location("_kfp_finetune_recipe_registry", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses looks the module up while building classes
-    spec.loader.exec_module(module)
-    return {c.name: r.name for r in module.get_all_recipes() for c in r.configs}
-
-
-def select_recipe(runtime: Runtime, cfg: ResolvedConfig) -> RecipeChoice:
-    """Choose recipe and base config by GPU count and PEFT settings (table above).
-
-    Raises:
-        ConfigError: torchtune has no config for the combination; the message says why.
-    """
-    peft = cfg.peft
-    if peft is None:
-        method, recipe_kind = "full", "full_finetune"
-    elif peft.quantize_base:
-        method, recipe_kind = "qlora", "lora_finetune"
-    else:
-        method, recipe_kind = "lora", "lora_finetune"
-    if cfg.gpus <= 1:
-        recipe = f"{recipe_kind}_single_device"
-        config = f"{runtime.config_family}/{runtime.config_size}_{method}_single_device"
-    else:
-        recipe = f"{recipe_kind}_distributed"
-        config = f"{runtime.config_family}/{runtime.config_size}_{method}"
-    if cfg.gpus == 0 and method == "qlora":
-        raise ConfigError(
-            "QLoRA (quantize_base=True) needs a GPU; set resources_per_node={'gpu': 1} or use "
-            "LoRA without quantize_base on CPU."
-        )
-    known = _available_configs()
-    if known.get(config) != recipe:
-        options = sorted(
-            name for name in known if name.startswith(f"{runtime.config_family}/"
-                                                      f"{runtime.config_size}_")
-        )
-        raise ConfigError(
-            f"runtime {runtime.name!r} with {cfg.gpus} GPU(s) and {method} fine-tuning needs "
-            f"torchtune config {config!r} for recipe {recipe!r}, which torchtune 0.6.1 does not "
-            f"have; configs for this model: {', '.join(options) or 'none'}. Change the GPU count "
-            "or the PEFT settings."
-        )
-    return RecipeChoice(recipe, config, max(cfg.gpus, 1), "cuda" if cfg.gpus > 0 else "cpu")
-
-
-def base_config_path(config_name: str) -> Path:
-    """Path of a torchtune built-in config YAML."""
-    return _torchtune_dir().parent / "recipes" / "configs" / f"{config_name}.yaml"
-
-
 def _model_overrides(
     runtime: Runtime, peft: LoraConfig | None, model_dir: Path, base_model: dict[str, Any]
 ) -> dict[str, Any]:
@@ -240,6 +151,41 @@ def _model_overrides(
         if peft.quantize_base:
             model["quantize_base"] = True
     return model
+
+
+def prepare_training(
+    ws: Workspace, runtime: Runtime, resolved: ResolvedConfig, preprocess: TorchTuneInstructDataset
+) -> tuple[RecipeChoice, dict[str, Any]]:
+    """Check the workspace's dataset and model and render the torchtune config."""
+    choice, conf, _ = prepare_run(ws, runtime, resolved, preprocess)
+    return choice, conf
+
+
+def prepare_run(
+    ws: Workspace, runtime: Runtime, resolved: ResolvedConfig, preprocess: TorchTuneInstructDataset
+) -> tuple[RecipeChoice, dict[str, Any], DatasetPlan]:
+    """Check the workspace's dataset and model; the recipe, torchtune config and dataset plan.
+
+    Shared by the fine-tune and tokenize-dataset steps, so both read the data the same way.
+
+    Raises:
+        WorkspaceError: The dataset or model step has not finished.
+    """
+    dataset = require_complete(ws.dataset_dir, "dataset-initializer")
+    require_complete(ws.model_dir, "model-initializer")
+    info = check_model(ws.model_dir, runtime)
+    cache = dataset_cache(ws.cache_dir / "datasets", ws.dataset_dir, dataset)
+    plan = plan_dataset(ws.dataset_dir, preprocess, cache)
+    choice, conf = render_config(
+        runtime,
+        resolved,
+        model_dir=ws.model_dir,
+        model=info,
+        dataset=plan,
+        output_dir=ws.checkpoints_dir,
+        cache_dir=cache,
+    )
+    return choice, conf, plan
 
 
 def render_config(
@@ -271,57 +217,13 @@ def render_config(
     choice = select_recipe(runtime, cfg)
     conf = OmegaConf.to_container(OmegaConf.load(base_config_path(choice.config)))
     assert isinstance(conf, dict)
-    tokenizer = {
-        "_component_": runtime.tokenizer.component,
-        "path": str(model_dir / runtime.tokenizer.path),
-        "max_seq_len": cfg.max_seq_len or conf.get("tokenizer", {}).get("max_seq_len"),
-    }
-    if runtime.tokenizer.merges_file:
-        tokenizer["merges_file"] = str(model_dir / runtime.tokenizer.merges_file)
-    if model.special_tokens_path:
-        tokenizer["special_tokens_path"] = model.special_tokens_path
-    dataset_conf: dict[str, Any] = {
-        "_component_": dataset.builder,
-        "source": dataset.source,
-        "data_files": list(dataset.data_files),
-        "split": dataset.split,
-        "train_on_input": dataset.train_on_input,
-        "packed": cfg.packed,
-        "cache_dir": str(cache_dir),
-    }
-    if dataset.kind == "chat":
-        dataset_conf.update(conversation_column=dataset.conversation_column,
-                            conversation_style=dataset.conversation_style)
-    elif dataset.column_map:
-        dataset_conf["column_map"] = dict(dataset.column_map)
-    if dataset.new_system_prompt:
-        dataset_conf["new_system_prompt"] = dataset.new_system_prompt
-    checkpointer = dict(conf["checkpointer"])
-    checkpointer.update(
-        checkpoint_dir=str(model_dir),
-        checkpoint_files=list(model.checkpoint_files),
-        output_dir=str(output_dir),
-        model_type=runtime.checkpoint_model_type,
-        recipe_checkpoint=None,
-    )
-    optimizer = dict(conf.get("optimizer", {}))
-    if "bitsandbytes" in str(optimizer.get("_component_", "")) or choice.device == "cpu":
-        # bitsandbytes is not in the trainer image and has no CPU kernels; torch's fused
-        # AdamW runs on both CUDA and CPU (torch >= 2.4).
-        optimizer = {"_component_": "torch.optim.AdamW", "lr": optimizer.get("lr", 2e-5),
-                     "fused": True}
-    elif optimizer.get("_component_") == "torch.optim.AdamW":
-        # torchtune's llama3_3/70B_full: "highly recommended to use fused=True" (it ships False).
-        optimizer["fused"] = True
-    if cfg.learning_rate is not None:
-        optimizer["lr"] = cfg.learning_rate
-    conf.update(
+    conf.update(  # the arguments read the base config before it is updated
         output_dir=str(output_dir),
         model=_model_overrides(runtime, cfg.peft, model_dir, conf.get("model", {})),
-        tokenizer=tokenizer,
-        dataset=dataset_conf,
-        checkpointer=checkpointer,
-        optimizer=optimizer,
+        tokenizer=_tokenizer_conf(runtime, cfg, model_dir, model, conf),
+        dataset=_dataset_conf(dataset, cfg, cache_dir),
+        checkpointer=_checkpointer_conf(conf, runtime, model_dir, model, output_dir),
+        optimizer=_optimizer_conf(conf, cfg, choice),
         loss={"_component_": cfg.loss.value},
         batch_size=cfg.batch_size,
         epochs=cfg.epochs,
@@ -338,6 +240,75 @@ def render_config(
     )
     if cfg.peft is not None:
         conf["save_adapter_weights_only"] = False
+    _set_knobs(conf, cfg, choice)
+    return choice, apply_overrides(conf, cfg.overrides)
+
+
+def _tokenizer_conf(runtime: Runtime, cfg: ResolvedConfig, model_dir: Path, model: ModelInfo,
+                    conf: dict[str, Any]) -> dict[str, Any]:
+    tokenizer = {
+        "_component_": runtime.tokenizer.component,
+        "path": str(model_dir / runtime.tokenizer.path),
+        "max_seq_len": cfg.max_seq_len or conf.get("tokenizer", {}).get("max_seq_len"),
+    }
+    if runtime.tokenizer.merges_file:
+        tokenizer["merges_file"] = str(model_dir / runtime.tokenizer.merges_file)
+    if model.special_tokens_path:
+        tokenizer["special_tokens_path"] = model.special_tokens_path
+    return tokenizer
+
+
+def _dataset_conf(dataset: DatasetPlan, cfg: ResolvedConfig, cache_dir: Path) -> dict[str, Any]:
+    dataset_conf: dict[str, Any] = {
+        "_component_": dataset.builder,
+        "source": dataset.source,
+        "data_files": list(dataset.data_files),
+        "split": dataset.split,
+        "train_on_input": dataset.train_on_input,
+        "packed": cfg.packed,
+        "cache_dir": str(cache_dir),
+    }
+    if dataset.kind == "chat":
+        dataset_conf.update(conversation_column=dataset.conversation_column,
+                            conversation_style=dataset.conversation_style)
+    elif dataset.column_map:
+        dataset_conf["column_map"] = dict(dataset.column_map)
+    if dataset.new_system_prompt:
+        dataset_conf["new_system_prompt"] = dataset.new_system_prompt
+    return dataset_conf
+
+
+def _checkpointer_conf(conf: dict[str, Any], runtime: Runtime, model_dir: Path,
+                       model: ModelInfo, output_dir: Path) -> dict[str, Any]:
+    checkpointer = dict(conf["checkpointer"])
+    checkpointer.update(
+        checkpoint_dir=str(model_dir),
+        checkpoint_files=list(model.checkpoint_files),
+        output_dir=str(output_dir),
+        model_type=runtime.checkpoint_model_type,
+        recipe_checkpoint=None,
+    )
+    return checkpointer
+
+
+def _optimizer_conf(conf: dict[str, Any], cfg: ResolvedConfig, choice: RecipeChoice
+                    ) -> dict[str, Any]:
+    optimizer = dict(conf.get("optimizer", {}))
+    if "bitsandbytes" in str(optimizer.get("_component_", "")) or choice.device == "cpu":
+        # bitsandbytes is not in the trainer image and has no CPU kernels; torch's fused
+        # AdamW runs on both CUDA and CPU (torch >= 2.4).
+        optimizer = {"_component_": "torch.optim.AdamW", "lr": optimizer.get("lr", 2e-5),
+                     "fused": True}
+    elif optimizer.get("_component_") == "torch.optim.AdamW":
+        # torchtune's llama3_3/70B_full: "highly recommended to use fused=True" (it ships False).
+        optimizer["fused"] = True
+    if cfg.learning_rate is not None:
+        optimizer["lr"] = cfg.learning_rate
+    return optimizer
+
+
+def _set_knobs(conf: dict[str, Any], cfg: ResolvedConfig, choice: RecipeChoice) -> None:
+    """Set the speed and memory knobs the user or the runtime chose, and the CPU limits."""
     knobs = {
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "compile": cfg.compile,
@@ -363,7 +334,6 @@ def render_config(
             conf["profiler"] = {**conf["profiler"], "enabled": False, "cuda": False}
     else:
         conf["log_peak_memory_stats"] = True
-    return choice, apply_overrides(conf, cfg.overrides)
 
 
 def apply_overrides(conf: dict[str, Any], overrides: tuple[str, ...]) -> dict[str, Any]:

@@ -1,11 +1,12 @@
 """Fetching a dataset or model from its storage URI into a (staging) folder.
 
-One module per scheme lists and downloads files (``storage_hf``, ``storage_s3`` and the local
-copy here); this module chooses the files, retries network errors with backoff, downloads in
-parallel, checks sizes and prunes what does not belong. Downloads resume at file granularity:
-a file that a previous, interrupted run finished in the same staging folder is not fetched
-again, and a partial file is never taken as finished (files are written to a temporary name
-and renamed when complete).
+One module per scheme lists and downloads files (``storage.hf``, ``storage.s3``,
+``storage.local``; what they share is in ``storage.base``); this module chooses the files
+(``storage.selection``), retries network errors with backoff, downloads in parallel, checks
+sizes and prunes what does not belong. Downloads resume at file granularity: a file that a
+previous, interrupted run finished in the same staging folder is not fetched again, and a
+partial file is never taken as finished (files are written to a temporary name and renamed
+when complete).
 
 Tokens and keys come from the environment (Kubernetes Secrets on a cluster), never from
 parameters, and every message built from a third-party error is redacted.
@@ -13,175 +14,37 @@ parameters, and every message built from a third-party error is redacted.
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
-import json
-import os
-import shutil
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import Any, Protocol, TypeVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from kfp_finetune.errors import DatasetError, KfpFinetuneError, ModelError, SourceError
+from kfp_finetune.errors import KfpFinetuneError, SourceError
+from kfp_finetune.storage.base import (
+    Backend,
+    Listing,
+    Log,
+    RemoteFile,
+    RetryPolicy,
+    TransientError,
+    digest,
+    with_retry,
+)
+from kfp_finetune.storage.base import quiet as _quiet
 from kfp_finetune.storage.credentials import redact
+from kfp_finetune.storage.hf import HfBackend
+from kfp_finetune.storage.local import LocalBackend
 from kfp_finetune.storage.ownership import remove_owned
+from kfp_finetune.storage.s3 import S3Backend
+from kfp_finetune.storage.selection import FetchOptions, check_ignore_patterns, select_files
 from kfp_finetune.storage.uris import StorageUri
 from kfp_finetune.storage.workspace import check_free_space, disk_errors
 
-Log = Callable[[str], None]
-T = TypeVar("T")
-
-# What torchtune needs from a model repo: configs, weights, tokenizer files; and what the
-# export carries over: the chat template (chat_template.jinja) and the card (its license).
-MODEL_ALLOW_PATTERNS = [
-    "*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*", "*.tiktoken", "*.jinja",
-    "README.md",
-]
-# Weight formats torchtune's Hugging Face checkpointer does not need when safetensors exist.
-MODEL_IGNORE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.gguf", "*.onnx", "*.ot"]
-# Taken instead of safetensors when a repo has none (torchtune reads PyTorch .bin shards too).
-MODEL_FALLBACK_WEIGHTS = ["*.bin"]
-NOT_WEIGHTS = ["training_args.bin", "optimizer.bin", "scheduler.bin", "*/training_args.bin"]
-DEFAULT_WORKERS = 8
-
-
-def _quiet(*_: Any) -> None:
-    return None
-
-
-class TransientError(Exception):
-    """A network or server error worth retrying (timeouts, resets, HTTP 429 and 5xx)."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how patiently network errors are retried.
-
-    Attributes:
-        attempts: Tries per file (and per listing), at least 1.
-        base_delay: Seconds before the second try; doubled each time.
-        max_delay: Upper bound of one wait.
-    """
-
-    attempts: int = 5
-    base_delay: float = 1.0
-    max_delay: float = 30.0
-
-    @classmethod
-    def from_env(cls) -> RetryPolicy:
-        """Policy from ``KFP_FINETUNE_DOWNLOAD_ATTEMPTS`` and ``KFP_FINETUNE_RETRY_DELAY_S``."""
-        try:
-            attempts = int(os.environ.get("KFP_FINETUNE_DOWNLOAD_ATTEMPTS", "5"))
-            delay = float(os.environ.get("KFP_FINETUNE_RETRY_DELAY_S", "1.0"))
-        except ValueError:
-            attempts, delay = 5, 1.0
-        return cls(max(1, attempts), max(0.0, delay))
-
-    def delay(self, attempt: int) -> float:
-        """Wait before try number ``attempt + 1``."""
-        return min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
-
-
-def with_retry(fn: Callable[[], T], what: str, policy: RetryPolicy, log: Log) -> T:
-    """Call ``fn``; retry it with exponential backoff while it raises ``TransientError``.
-
-    Raises:
-        SourceError: Every try failed; the message names ``what`` and how to resume.
-    """
-    for attempt in range(1, policy.attempts + 1):
-        try:
-            return fn()
-        except TransientError as exc:
-            if attempt >= policy.attempts:
-                raise SourceError(
-                    f"{what} failed after {policy.attempts} attempt(s): {redact(exc)}. Check the "
-                    "network and the endpoint, then re-run the step: files already downloaded "
-                    "are kept and the download resumes."
-                ) from None
-            wait_s = policy.delay(attempt)
-            log(f"  {what}: {redact(exc)}; retrying in {wait_s:.1f} s "
-                f"(attempt {attempt + 1}/{policy.attempts})")
-            time.sleep(wait_s)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    """One file of a source.
-
-    Attributes:
-        path: Relative path in the destination folder (``/``-separated).
-        size: Size in bytes when the listing gives it.
-        ref: What the backend needs to fetch it (repo path, object key, local path).
-        etag: Version tag of the file when the backend has one.
-    """
-
-    path: str
-    size: int | None
-    ref: str
-    etag: str | None = None
-
-
-@dataclass(frozen=True)
-class Listing:
-    """The files of a source at one version.
-
-    Attributes:
-        version: Commit (hf) or a digest of the listing (s3, local); changes when content does.
-        files: Every file under the URI (before selection).
-        revision: The resolved revision to record (commit sha for hf), or None.
-    """
-
-    version: str
-    files: list[RemoteFile]
-    revision: str | None = None
-
-
-class Backend(Protocol):
-    """What a storage scheme provides."""
-
-    def version(self) -> str:
-        """The source's current version, from metadata only (no file content)."""
-
-    def listing(self) -> Listing:
-        """Every file under the URI, with the version they belong to."""
-
-    def download(self, listing: Listing, item: RemoteFile, dest: Path) -> bool:
-        """Fetch ``item`` to ``dest / item.path`` atomically; False when it was already there."""
-
-
-@dataclass(frozen=True)
-class FetchOptions:
-    """What to take from a source and what to check before the bulk of the download.
-
-    Attributes:
-        kind: ``"dataset"`` or ``"model"``.
-        extensions: Dataset: only files with these suffixes (the declared format's).
-        data_format: Dataset: the declared format, for messages.
-        ignore_patterns: Extra glob patterns (fnmatch, as huggingface_hub) to skip.
-        check_config: Model: called with the downloaded ``config.json`` first of all.
-        check_files: Called with the selected relative paths before the bulk download.
-        workers: Parallel downloads.
-    """
-
-    kind: str
-    extensions: tuple[str, ...] = ()
-    data_format: str = ""
-    ignore_patterns: tuple[str, ...] = ()
-    check_files: Callable[[list[str]], None] | None = field(default=None, compare=False)
-    check_config: Callable[[Path], None] | None = field(default=None, compare=False)
-    workers: int = DEFAULT_WORKERS
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The options that decide which files are taken (recorded in the manifest)."""
-        return {
-            "kind": self.kind,
-            "extensions": list(self.extensions),
-            "ignore_patterns": list(self.ignore_patterns),
-        }
+# RetryPolicy, FetchOptions, check_ignore_patterns, digest and TransientError moved to
+# storage.base and storage.selection; they stay importable from here for older imports.
+__all__ = ["FetchOptions", "FetchResult", "RetryPolicy", "TransientError", "backend_for",
+           "check_ignore_patterns", "digest", "fetch", "remote_version"]
 
 
 @dataclass(frozen=True)
@@ -203,98 +66,11 @@ class FetchResult:
     downloaded_bytes: int
 
 
-def check_ignore_patterns(patterns: Iterable[str] | None) -> tuple[str, ...]:
-    """Check user ignore patterns (glob strings) and return them as a tuple.
-
-    Raises:
-        SourceError: A pattern is empty, not text, or would ignore everything (``*``).
-    """
-    out: list[str] = []
-    for pattern in patterns or ():
-        if not isinstance(pattern, str) or not pattern.strip():
-            raise SourceError(
-                f"ignore_patterns contains {pattern!r}; each pattern must be a non-empty glob "
-                "such as '*.pth' or 'original/*'."
-            )
-        if pattern.strip() in ("*", "**", "*/*"):
-            raise SourceError(
-                f"ignore_patterns contains {pattern!r}, which ignores every file; remove it."
-            )
-        out.append(pattern.strip())
-    return tuple(out)
-
-
-def _match(path: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatch(path, p) for p in patterns)
-
-
-def select_files(uri: StorageUri, listing: Listing, opts: FetchOptions) -> list[RemoteFile]:
-    """The files of ``listing`` that the step needs.
-
-    Models: configs, safetensors and tokenizer files (``*.bin`` only when the source has no
-    safetensors); datasets: files of the declared format. Hidden files (``.gitattributes``)
-    and the user's ignore patterns are skipped.
-
-    Raises:
-        SourceError: The source holds no files, or the ignore patterns leave none.
-        DatasetError: No file has the declared format (the message lists what was found).
-        ModelError: The source has neither safetensors nor .bin weights.
-    """
-    visible = [
-        f for f in listing.files
-        if not any(part.startswith(".") for part in PurePosixPath(f.path).parts)
-    ]
-    if not visible:
-        raise SourceError(
-            f"{opts.kind} storage_uri={uri.describe()!r} holds no files; point it at a folder or "
-            "file that has the data."
-        )
-    if opts.kind == "dataset":
-        chosen = [f for f in visible if PurePosixPath(f.path).suffix.lower() in opts.extensions]
-        if not chosen:
-            found = sorted({PurePosixPath(f.path).suffix or PurePosixPath(f.path).name
-                            for f in visible})
-            raise DatasetError(
-                f"source={opts.data_format!r} but {uri.describe()!r} has no "
-                f"{'/'.join(opts.extensions)} files (found: {', '.join(found[:10])}); set source "
-                "to the files' format (e.g. source='json' for .jsonl files) or point the URI "
-                "at the data files."
-            )
-    else:
-        has_safetensors = any(f.path.endswith(".safetensors") for f in visible)
-        allow = list(MODEL_ALLOW_PATTERNS)
-        ignore = list(MODEL_IGNORE_PATTERNS)
-        if not has_safetensors:
-            allow += MODEL_FALLBACK_WEIGHTS
-            ignore = [p for p in ignore if p not in MODEL_FALLBACK_WEIGHTS] + NOT_WEIGHTS
-        chosen = [f for f in visible if _match(f.path, allow) and not _match(f.path, ignore)]
-        weights = [f for f in chosen if f.path.endswith((".safetensors", ".bin"))]
-        if not weights:
-            raise ModelError(
-                f"model storage_uri={uri.describe()!r} has no *.safetensors (or PyTorch *.bin) "
-                "weights; torchtune's Hugging Face checkpointer needs them. Point the URI at a "
-                "Hugging Face transformers checkpoint."
-            )
-    if opts.ignore_patterns:
-        kept = [f for f in chosen if not _match(f.path, opts.ignore_patterns)]
-        if not kept:
-            raise SourceError(
-                f"ignore_patterns={list(opts.ignore_patterns)} leave no file of "
-                f"{uri.describe()!r} to fetch; narrow the patterns."
-            )
-        chosen = kept
-    return sorted(chosen, key=lambda f: f.path)
-
-
 def backend_for(uri: StorageUri, kind: str, log: Log = _quiet) -> Backend:
     """The backend of ``uri``'s scheme."""
     if uri.scheme == "hf":
-        from kfp_finetune.storage.hf import HfBackend
-
         return HfBackend(uri, kind, log)
     if uri.scheme == "s3":
-        from kfp_finetune.storage.s3 import S3Backend
-
         return S3Backend(uri, kind, log)
     return LocalBackend(uri)
 
@@ -354,7 +130,28 @@ def fetch(
         if f.size is not None and _size(dest / f.path) != f.size
     )
     check_free_space(dest, missing, f"the {opts.kind} {uri.describe()}")
+    with disk_errors(dest, f"fetching the {opts.kind} {uri.describe()}"):
+        downloaded = _download(backend, listing, chosen, uri, dest, opts, policy, log)
+    files = _check_complete(chosen, uri, dest)
+    remove_owned(dest / ".cache")
+    return FetchResult(
+        version=listing.version,
+        revision=listing.revision,
+        files=files,
+        downloaded=len(downloaded),
+        downloaded_bytes=sum(_size(dest / f.path) for f in downloaded),
+    )
 
+
+def _download(
+    backend: Backend, listing: Listing, chosen: list[RemoteFile], uri: StorageUri, dest: Path,
+    opts: FetchOptions, policy: RetryPolicy, log: Log,
+) -> list[RemoteFile]:
+    """Download ``chosen`` (``config.json`` first and checked when asked); the files moved now.
+
+    The option checks run before the bulk download, so a wrong model fails after one small
+    file.
+    """
     downloaded: list[RemoteFile] = []
 
     def one(item: RemoteFile) -> None:
@@ -367,16 +164,25 @@ def fetch(
             log(f"  {item.path} ({_size(dest / item.path)} bytes)")
 
     first = [f for f in chosen if f.path == "config.json"] if opts.check_config else []
-    with disk_errors(dest, f"fetching the {opts.kind} {uri.describe()}"):
-        for item in first:
-            one(item)
-            assert opts.check_config is not None
-            opts.check_config(dest / item.path)
-        if opts.check_files is not None:
-            opts.check_files([f.path for f in chosen])
-        rest = [f for f in chosen if f not in first]
-        _parallel(one, rest, opts.workers)
+    for item in first:
+        one(item)
+        assert opts.check_config is not None
+        opts.check_config(dest / item.path)
+    if opts.check_files is not None:
+        opts.check_files([f.path for f in chosen])
+    rest = [f for f in chosen if f not in first]
+    _parallel(one, rest, opts.workers)
+    return downloaded
 
+
+def _check_complete(chosen: list[RemoteFile], uri: StorageUri, dest: Path
+                    ) -> list[dict[str, Any]]:
+    """``{"path", "bytes"}`` of every chosen file; a missing or cut file is an error.
+
+    Raises:
+        SourceError: A file is missing, or its size differs from the listing's (the cut
+            file is removed, so the re-run fetches it again).
+    """
     files = []
     for item in chosen:
         path = dest / item.path
@@ -393,14 +199,7 @@ def fetch(
                 f"{item.size}; the download was cut short. Re-run the step (it resumes)."
             )
         files.append({"path": item.path, "bytes": size})
-    remove_owned(dest / ".cache")
-    return FetchResult(
-        version=listing.version,
-        revision=listing.revision,
-        files=files,
-        downloaded=len(downloaded),
-        downloaded_bytes=sum(_size(dest / f.path) for f in downloaded),
-    )
+    return files
 
 
 def _size(path: Path) -> int:
@@ -439,61 +238,3 @@ def _prune(dest: Path, keep: set[str]) -> None:
         if (path.is_file() and rel.as_posix() not in keep) or (
                 path.is_dir() and not any(path.iterdir())):
             remove_owned(path)
-
-
-def digest(items: Iterable[Any]) -> str:
-    """A short, stable digest of JSON-serialisable items (used as a version)."""
-    data = json.dumps(list(items), sort_keys=True, default=str).encode()
-    return hashlib.sha256(data).hexdigest()[:32]
-
-
-class LocalBackend:
-    """A file or folder on a local (or mounted) filesystem."""
-
-    def __init__(self, uri: StorageUri) -> None:
-        self.uri = uri
-        self.root = Path(uri.path)
-
-    def _files(self) -> list[tuple[RemoteFile, os.stat_result]]:
-        src = self.root
-        if not src.exists():
-            raise SourceError(
-                f"storage_uri={self.uri.raw!r}: {str(src)!r} does not exist; check the path (it "
-                "must be visible to the process that runs the step)."
-            )
-        if src.is_file():
-            return [(RemoteFile(src.name, src.stat().st_size, str(src)), src.stat())]
-        out = []
-        for path in sorted(src.rglob("*")):
-            rel = path.relative_to(src)
-            if path.is_file() and not any(part.startswith(".") for part in rel.parts):
-                st = path.stat()
-                out.append((RemoteFile(rel.as_posix(), st.st_size, str(path)), st))
-        return out
-
-    def version(self) -> str:
-        """Digest of the names, sizes, modification and change times.
-
-        The change time (ctime) cannot be set back by the user, so a file replaced with its
-        size and mtime kept (``cp -p``, ``touch -r``) still counts as changed.
-        """
-        return digest((f.path, f.size, st.st_mtime_ns, st.st_ctime_ns) for f, st in self._files())
-
-    def listing(self) -> Listing:
-        """Every visible file under the path."""
-        files = self._files()
-        return Listing(digest((f.path, f.size, st.st_mtime_ns, st.st_ctime_ns) for f, st in files),
-                       [f for f, _ in files])
-
-    def download(self, listing: Listing, item: RemoteFile, dest: Path) -> bool:
-        """Copy the file (to a temporary name, then rename)."""
-        target = dest / item.path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.part")
-        try:
-            shutil.copy2(item.ref, tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a cut copy never stays behind (e.g. disk full)
-            raise
-        return True

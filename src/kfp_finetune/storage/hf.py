@@ -5,6 +5,7 @@ commit, the tree listing gives the files, and ``hf_hub_download(local_dir=...)``
 file at that commit (a file already finished in the staging folder costs no request; a cut
 transfer is resumed with an HTTP Range request by the client). The endpoint is read from
 ``HF_ENDPOINT`` at call time and the token from ``HF_TOKEN``; neither is ever printed.
+:func:`upload_export` is the upload side: the export step's ``push_to=hf://...``.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from kfp_finetune.errors import SourceError
-from kfp_finetune.storage.credentials import DEFAULT_HF_SECRET, hf_secret_command, hf_token, redact
-from kfp_finetune.storage.fetch import (
+from kfp_finetune.storage.base import (
     Listing,
     Log,
     RemoteFile,
     TransientError,
 )
+from kfp_finetune.storage.credentials import DEFAULT_HF_SECRET, hf_secret_command, hf_token, redact
 from kfp_finetune.storage.network import network_problem, network_timeout
-from kfp_finetune.storage.uris import StorageUri
+from kfp_finetune.storage.uris import Destination, StorageUri
 from kfp_finetune.storage.workspace import disk_error
 
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
@@ -266,3 +267,49 @@ class HfBackend:
 def _status(exc: BaseException) -> int | None:
     response = getattr(exc, "response", None)
     return getattr(response, "status_code", None)
+
+
+def upload_export(
+    folder: Path, dest: Destination, run_id: str, log: Log, api: Any = None
+) -> str:
+    """Upload a finished export folder to a (private) model repository, on ``dest``'s branch.
+
+    Args:
+        folder: The export folder; hidden files (the manifest) stay behind.
+        dest: An ``hf://`` destination.
+        run_id: The run's id (in the commit message).
+        log: Where progress lines go.
+        api: An ``HfApi`` to use instead of a new one (tests).
+
+    Returns:
+        ``hf://org/repo@<commit>`` (``hf://org/repo`` when the Hub names no commit).
+
+    Raises:
+        SourceError: The Hub refused (the message names the HTTP status, never the token).
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if api is None:
+        api = HfApi(endpoint=hf_endpoint(), token=hf_token())  # the initializers' Hub
+    try:
+        api.create_repo(repo_id=dest.target, repo_type="model", private=True, exist_ok=True)
+        if dest.prefix:
+            api.create_branch(repo_id=dest.target, branch=dest.prefix, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=dest.target,
+            repo_type="model",
+            folder_path=str(folder),
+            revision=dest.prefix or None,
+            commit_message=f"kfp-finetune: fine-tuned model of run {run_id}",
+            ignore_patterns=[".*", "**/.*"],
+        )
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", "?")
+        raise SourceError(
+            f"pushing to {dest.raw!r} failed (HTTP {status}); check that the token in the "
+            "Secret has write access to that repository or organisation, then retry."
+        ) from None
+    commit = getattr(info, "oid", None) or ""
+    log(f"[export] pushed to {dest.raw} (commit {commit[:12] or '?'})")
+    return f"hf://{dest.target}@{commit}" if commit else f"hf://{dest.target}"

@@ -6,6 +6,7 @@ region from ``AWS_REGION`` or ``AWS_DEFAULT_REGION`` (default ``us-east-1``) and
 endpoint from ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL`` or ``S3_ENDPOINT_URL`` (MinIO:
 path-style addressing is used then). ``s3://bucket/key`` naming one object takes that object;
 otherwise every object under ``key/`` is taken, keeping the paths below the prefix.
+:func:`upload_export` is the upload side: the export step's ``push_to=s3://...``.
 """
 
 from __future__ import annotations
@@ -15,18 +16,18 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from kfp_finetune.errors import SourceError
-from kfp_finetune.storage.credentials import DEFAULT_S3_SECRET, redact, s3_secret_command
-from kfp_finetune.storage.fetch import (
+from kfp_finetune.errors import SourceError, WorkspaceError
+from kfp_finetune.storage.base import (
     Listing,
     Log,
     RemoteFile,
     TransientError,
     digest,
 )
+from kfp_finetune.storage.credentials import DEFAULT_S3_SECRET, redact, s3_secret_command
 from kfp_finetune.storage.network import network_problem, network_timeout
-from kfp_finetune.storage.uris import StorageUri
-from kfp_finetune.storage.workspace import disk_error
+from kfp_finetune.storage.uris import Destination, StorageUri
+from kfp_finetune.storage.workspace import MANIFEST, disk_error, read_manifest
 
 _DENIED = {
     "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "401",
@@ -199,3 +200,79 @@ class S3Backend:
         os.replace(tmp, target)
         stamp.write_text(json.dumps(want))
         return True
+
+
+def _uploaded_before(
+    client: Any, dest: Destination, folder: Path, prefix: str, run_id: str, log: Log
+) -> bool:
+    """Whether ``prefix`` already holds this model (True) or nothing finished (False).
+
+    Raises:
+        WorkspaceError: It holds a different model: exports never overwrite each other.
+    """
+    from botocore.exceptions import ClientError
+
+    location = f"s3://{dest.target}/{prefix}"
+    try:
+        existing = json.loads(client.get_object(Bucket=dest.target, Key=f"{prefix}/{MANIFEST}")
+                              ["Body"].read())
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+            raise
+        return False
+    ours = read_manifest(folder) or {}
+    if existing.get("run_id") == run_id or (
+            ours.get("fingerprint") and existing.get("fingerprint") == ours["fingerprint"]):
+        log(f"[export] {location} already holds this run's model; not uploading again.")
+        return True
+    raise WorkspaceError(
+        f"{location} already holds a different model (run {existing.get('run_id')!r});"
+        " exports never overwrite each other: leave export_name empty (every run gets "
+        "its own folder) or choose another push_to prefix."
+    )
+
+
+def upload_export(
+    folder: Path, dest: Destination, run_id: str, log: Log, client: Any = None
+) -> str:
+    """Upload a finished export folder under ``<prefix>/<folder name>/``, manifest last.
+
+    A prefix that already holds this model (same run, or same training fingerprint) is left
+    as it is; one that holds another model is refused.
+
+    Args:
+        folder: The export folder (with its manifest).
+        dest: An ``s3://`` destination.
+        run_id: The run's id.
+        log: Where progress lines go.
+        client: A boto3 S3 client to use instead of a new one (tests).
+
+    Returns:
+        ``s3://bucket/<prefix>/<folder name>``.
+
+    Raises:
+        SourceError: The store refused or could not be reached.
+        WorkspaceError: The prefix holds a different model.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if client is None:
+        client = s3_client()  # the same client as the initializers
+    prefix = "/".join(p for p in (dest.prefix, folder.name) if p)
+    location = f"s3://{dest.target}/{prefix}"
+    try:
+        if _uploaded_before(client, dest, folder, prefix, run_id, log):
+            return location
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(folder)
+            if path.is_file() and not any(p.startswith(".") for p in rel.parts):
+                client.upload_file(str(path), dest.target, f"{prefix}/{rel.as_posix()}")
+        # The manifest goes last: an object prefix without it is an unfinished upload.
+        client.upload_file(str(folder / MANIFEST), dest.target, f"{prefix}/{MANIFEST}")
+    except (BotoCoreError, ClientError) as exc:
+        raise SourceError(
+            f"uploading to {location} failed ({type(exc).__name__}); check the bucket, the "
+            "endpoint (AWS_ENDPOINT_URL) and the credentials in the S3 Secret, then retry."
+        ) from None
+    log(f"[export] uploaded to {location}")
+    return location

@@ -8,6 +8,10 @@ Supported forms (checked without touching the network or the disk):
 * ``s3://bucket[/prefix-or-key]`` for AWS S3, MinIO and other S3-compatible stores (endpoint,
   region and keys come from the environment, filled from a Kubernetes Secret on a cluster).
 * ``file:///absolute/path`` and ``/absolute/path``.
+
+``push_to`` (where the export step copies the model) uses the same grammar, narrowed by
+:func:`parse_destination`: ``hf://org/repo[@branch]`` or ``s3://bucket[/prefix]``, no local
+paths.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import PurePath, PurePosixPath
 from typing import Any, Literal
 from urllib.parse import unquote
 
-from kfp_finetune.errors import SourceError
+from kfp_finetune.errors import ConfigError, SourceError
 from kfp_finetune.storage.credentials import USER_ONLY, USERINFO, redact
 from kfp_finetune.storage.credentials import redact_uri as redact_uri
 
@@ -29,6 +33,8 @@ _HF_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
+# A branch to push to: one git ref name, no '/'.
+_BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SUPPORTED = (
     "hf://org/repo[@revision][/path], s3://bucket[/prefix], file:///absolute/path or "
     "/absolute/path"
@@ -235,3 +241,86 @@ def _parse_hf(text: str, kind: Kind) -> StorageUri:
             f"drop the path {'/'.join(rest)!r}."
         )
     return StorageUri("hf", f"{org}/{repo}", revision, "/".join(rest), text)
+
+
+# --------------------------------------------------------------------------- push_to
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A parsed ``push_to`` value: a storage URI that a finished model is copied to.
+
+    Attributes:
+        uri: The URI, parsed by the same grammar as sources (``hf`` or ``s3``).
+    """
+
+    uri: StorageUri
+
+    @property
+    def scheme(self) -> str:
+        """``hf`` or ``s3``."""
+        return self.uri.scheme
+
+    @property
+    def target(self) -> str:
+        """``org/repo`` (hf) or the bucket (s3)."""
+        return self.uri.repo_id if self.uri.scheme == "hf" else self.uri.bucket
+
+    @property
+    def prefix(self) -> str:
+        """The branch (hf, "" for main) or the key prefix inside the bucket (s3)."""
+        return (self.uri.revision or "") if self.uri.scheme == "hf" else self.uri.path
+
+    @property
+    def raw(self) -> str:
+        """The value as given (without surrounding whitespace)."""
+        return self.uri.raw
+
+
+def _as_source(text: str) -> StorageUri | None:
+    """``text`` parsed as a model source (a whole repository; a bucket and prefix), or None."""
+    try:
+        return parse_storage_uri(text, "model")
+    except SourceError:
+        return None
+
+
+def parse_destination(push_to: str) -> Destination | None:
+    """Parse ``push_to``: "" (none), ``hf://org/repo[@branch]`` or ``s3://bucket[/prefix]``.
+
+    The grammar is :func:`parse_storage_uri`'s; a destination adds its own rules: only the
+    ``hf`` and ``s3`` schemes (never a local path), a whole repository, and a branch name
+    (no ``/``) as the revision.
+
+    Raises:
+        ConfigError: The value is neither, or embeds credentials (echoed redacted).
+    """
+    text = push_to.strip()
+    if not text:
+        return None
+    if redact_uri(text) != text:
+        raise ConfigError(
+            f"push_to={redact_uri(text)!r} embeds credentials; never put secrets in a URI. "
+            "Store them in the Kubernetes Secret named by hf_token_secret (HF_TOKEN) or "
+            "s3_secret (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and remove them from push_to."
+        )
+    if text.startswith("hf://"):
+        uri = _as_source(text)
+        if uri is not None and (uri.revision is None or _BRANCH.fullmatch(uri.revision)):
+            return Destination(uri)
+        raise ConfigError(
+            f"push_to={push_to!r} is not a Hugging Face model repository; write "
+            "hf://<org>/<repo> (optionally hf://<org>/<repo>@<branch>)."
+        )
+    if text.startswith("s3://"):
+        uri = _as_source(text)
+        if uri is not None:
+            return Destination(uri)
+        raise ConfigError(
+            f"push_to={push_to!r} is not an S3 location; write s3://<bucket>[/<prefix>] "
+            "(bucket names are 3-63 lowercase letters, digits, '.' or '-')."
+        )
+    raise ConfigError(
+        f"push_to={push_to!r}: unsupported destination; use hf://<org>/<repo>, "
+        "s3://<bucket>[/<prefix>], or leave it empty to keep the model on the workspace volume."
+    )

@@ -12,7 +12,6 @@ from the run's task details, logs from the step's pod through the Kubernetes API
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import re
@@ -50,7 +49,7 @@ from kfp_finetune.drivers.submit import (
     Connection,
     api_errors,
     make_client,
-    ops_arguments,
+    ops_values,
     submit,
 )
 from kfp_finetune.errors import ConfigError
@@ -77,9 +76,9 @@ class KfpBackendConfig:
         kube_context: kubeconfig context (for the KFP proxy and the Kubernetes API).
         kube_config_file: kubeconfig file for the Kubernetes API.
         kubernetes_configuration: A ``kubernetes.client.Configuration`` to use instead.
-        pipeline_options: Operations parameters of the pipeline, e.g.
-            ``{"pvc_storage_class": "fast", "node_selector": '{"pool": "a100"}'}`` (the
-            keyword arguments of ``kfp_finetune.drivers.submit.ops_arguments``).
+        pipeline_options: Operations parameters of the pipeline by run-form name, e.g.
+            ``{"workspace_storage_class": "fast", "cluster_node_selector": {"pool": "a100"}}``
+            (``kfp-finetune parameters`` lists them; earlier names are accepted for a release).
     """
 
     host: str | None = None
@@ -170,20 +169,14 @@ class KfpBackend(PipelineBackend):
     def _prepare(self, runtime: Any, initializer: Any, trainer: Any, export_name: str,
                  name: str) -> tuple[str, dict[str, Any], Credentials]:
         request = to_request(runtime, initializer, trainer, export_name)
-        try:
-            ops = ops_arguments(**self.cfg.pipeline_options)
-        except TypeError:
-            allowed = ", ".join(inspect.signature(ops_arguments).parameters)
-            raise ConfigError(
-                f"KfpBackendConfig(pipeline_options={self.cfg.pipeline_options!r}) has a key "
-                f"that is not an operations setting; use among: {allowed}."
-            ) from None
+        ops = ops_values({**self.cfg.pipeline_options,
+                          "export_push_to": request.arguments.get("export_push_to", "")})
         args = {**request.arguments, **ops}
         creds = request.credentials
         if creds.hf:
-            args["hf_token_secret"] = secret_name(name)
+            args["secret_hf_token"] = secret_name(name)
         if creds.s3:
-            args["s3_secret"] = secret_name(name)
+            args["secret_s3"] = secret_name(name)
         return request.runtime, args, creds
 
     def _submit(self, name: str, runtime: str, args: dict[str, Any], creds: Credentials,

@@ -15,7 +15,6 @@ split into steps.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -90,18 +89,15 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def run_job(job_dir: Path) -> int:
     """Run the job in ``job_dir`` and record its result; return the process exit code."""
-    from kfp_finetune.config.params import config_from_params
-    from kfp_finetune.drivers.local import run_local
+    from kfp_finetune.drivers.local import run_config_local
+    from kfp_finetune.steps.check_run import check_run
     from kfp_finetune.storage.credentials import redact
 
     spec = json.loads((job_dir / SPEC).read_text())
-    args = spec["arguments"]
     try:
-        wanted = inspect.signature(config_from_params).parameters
-        config = config_from_params(**{k: v for k, v in args.items() if k in wanted})
-        result = run_local(spec["runtime"], args["model_uri"], args["dataset_uri"], config,
-                           spec["workspace"], args.get("export_name", ""),
-                           model_ignore_patterns=args.get("model_ignore_patterns"))
+        # The same run-form values a cluster run gets, through the same check.
+        run = check_run(spec["runtime"], spec["arguments"])
+        result = run_config_local(run, spec["workspace"])
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, then reported
         # run_local raises the failed step's own error, with its name in ``step``.
         message = redact(f"{type(exc).__name__}: {exc}").splitlines()[0]
