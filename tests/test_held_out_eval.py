@@ -11,8 +11,9 @@ import pytest
 
 from kfp_finetune.config.types import LoraConfig, TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.errors import ConfigError, DatasetError
+from kfp_finetune.steps.dataset_initializer import initialize_dataset
 from kfp_finetune.steps.fine_tune import run_fine_tune
-from kfp_finetune.steps.initializers import initialize_dataset, initialize_model
+from kfp_finetune.steps.model_initializer import initialize_model
 
 LLAMA = "torchtune-llama3.2-tiny"
 SPLIT, EVAL_SPLIT = "train[:75%]", "train[75%:]"  # 48 rows trained, 16 held out
@@ -34,25 +35,25 @@ def config(split=SPLIT, **kwargs):
                            **kwargs)
 
 
-@pytest.mark.slow
-def test_local_fine_tune_task_reports_a_lower_held_out_loss_than_the_base(tiny, tmp_path):
-    """The fine-tune component run by kfp.local with eval_split: Metrics and chart."""
-    from kfp import local
+def run_args(tiny, ws, *extra):
+    return ["run", "--local", "--runtime", LLAMA, "--model-uri", str(tiny["llama3_2"]),
+            "--dataset-uri", f"file://{tiny['alpaca']}/data", "--workspace", str(ws), *extra]
 
-    from kfp_finetune.components.fine_tune import fine_tune
-    from kfp_finetune.drivers.local import task_scope
+
+@pytest.mark.slow
+def test_local_run_with_eval_split_reports_a_lower_held_out_loss_than_the_base(
+        tiny, tmp_path, capsys):
+    """`kfp-finetune run --local --eval-split`: the fine-tune task's Metrics and chart."""
+    from kfp_finetune.drivers.cli import main
 
     ws = tmp_path / "ws"
-    prepare(ws, tiny, config())
-    with task_scope() as scratch:
-        local.init(runner=local.SubprocessRunner(use_venv=False),
-                   pipeline_root=str(tmp_path / "outputs"),
-                   workspace_root=str(scratch / "kfp-workspace"), raise_on_error=True)
-        fine_tune(runtime=LLAMA, workspace_path=str(ws), split=SPLIT, eval_split=EVAL_SPLIT,
-                  epochs=2, batch_size=4)
-    executor_output = next((tmp_path / "outputs").rglob("executor_output.json"))
-    metrics = json.loads(executor_output.read_text())["artifacts"]["metrics"]["artifacts"][0]
-    figures = metrics["metadata"]
+    assert main(run_args(tiny, ws, "--epochs", "2", "--split", SPLIT,
+                         "--eval-split", EVAL_SPLIT)) == 0
+    out = capsys.readouterr().out
+    assert "[eval] held-out loss: base" in out
+    curve = next((ws / ".kfp-local-outputs").rglob("loss_curve.html"))
+    executor_output = json.loads((curve.parent / "executor_output.json").read_text())
+    figures = executor_output["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     assert EVAL_KEYS <= set(figures), figures
     # Measured (CPU, seed 42): base 6.14 (about ln 512, the random tiny model), fine-tuned
     # 2.50 after 24 steps; the fixture's 8 facts recur in the held-out rows.
@@ -61,9 +62,22 @@ def test_local_fine_tune_task_reports_a_lower_held_out_loss_than_the_base(tiny, 
     assert figures["eval_perplexity_base"] == pytest.approx(math.exp(figures["eval_loss_base"]),
                                                             rel=1e-5)
     assert figures["eval_tokens"] > 0
-    chart = (executor_output.parent / "loss_curve").read_text()
+    chart = curve.read_text()
     assert f"base eval loss: {figures['eval_loss_base']:.4f}" in chart
     assert f"fine-tuned eval loss: {figures['eval_loss']:.4f}" in chart
+
+
+def test_an_overlapping_eval_split_fails_the_cli_before_anything_runs(tiny, tmp_path, capsys):
+    from kfp_finetune.drivers.cli import main
+
+    ws = tmp_path / "ws"
+    assert main(run_args(tiny, ws, "--eval-split", EVAL_SPLIT)) == 2  # --split: train
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert "eval_split='train[75%:]' overlaps the training split split='train'" in err
+    assert not ws.exists(), "nothing may be written before the error"
+    with pytest.raises(ConfigError, match="overlaps the training split"):
+        TorchTuneConfig(eval_split=EVAL_SPLIT)
 
 
 @pytest.mark.slow

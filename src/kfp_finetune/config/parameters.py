@@ -127,6 +127,11 @@ PARAMETERS: tuple[Param, ...] = (
     Param("data_uri", str, "Dataset: hf://org/repo[/dir-or-file], s3://bucket/prefix, "
           "file:///abs/path or /abs/path.", "dataset_uri", DEFAULT_DATASET_URI, "--dataset-uri",
           aliases=("dataset_uri",)),
+    # --- eval: held-out evaluation
+    Param("eval_split", str, "Held-out split, e.g. train[95%:] with data_split=train[:95%]; "
+          "it must not share a row with data_split. The fine-tune task reports the base and "
+          "the fine-tuned model's loss and perplexity on it (empty: no held-out evaluation).",
+          "trainer.eval_split", "", "--eval-split"),
     # --- export: where the fine-tuned model goes
     Param("export_copy_to_artifact", bool, "Also copy the model files into the KFP artifact "
           "store (the Model artifact holds only metadata otherwise; weights can be many GB).",

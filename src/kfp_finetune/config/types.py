@@ -322,6 +322,10 @@ class TorchTuneConfig:
         overrides: Raw torchtune ``key=value`` overrides for everything else, applied last;
             ``output_dir``, ``tokenizer.path``, ``tokenizer.merges_file`` and
             ``checkpointer.checkpoint_dir`` are set by the pipeline and refused here.
+        eval_split: Held-out split expression, e.g. ``"train[95%:]"`` with
+            ``split="train[:95%]"``; it must not share a row with the training split. The
+            fine-tune step reports the base and the fine-tuned model's loss and perplexity on
+            it. Default: none (no held-out evaluation).
     """
 
     dtype: DataType | str | None = None
@@ -341,6 +345,7 @@ class TorchTuneConfig:
     max_steps_per_epoch: int | None = None
     seed: int | None = None
     overrides: list[str] | None = None
+    eval_split: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None:
@@ -389,6 +394,9 @@ class TorchTuneConfig:
             if value is not None and not isinstance(value, bool):
                 raise ConfigError(f"{name}={value!r} must be true or false.")
         self.overrides = check_overrides(self.overrides)
+        from kfp_finetune.config.splits import check_eval_split  # splits imports this module
+
+        self.eval_split = check_eval_split(self.dataset_preprocess_config.split, self.eval_split)
 
     @property
     def gpus(self) -> int | None:

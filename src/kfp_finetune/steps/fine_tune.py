@@ -133,7 +133,7 @@ def run_fine_tune(
         log: Where progress lines (and torchtune's log) go.
         eval_split: Held-out split expression (e.g. ``train[95%:]``, disjoint from the
             training split); its loss is measured for the base model before training and for
-            the fine-tuned model after it. None or "": no held-out evaluation.
+            the fine-tuned model after it. None: ``config.eval_split``; "": none.
 
     Returns:
         Where the checkpoint is, the loss per step and the run's figures.
@@ -151,7 +151,8 @@ def run_fine_tune(
     # The GPU-memory defaults (activation checkpointing, optimizer offload) need the card.
     resolved = resolve(runtime, config, gpu_memory_gib=detect_gpu_memory_gib())
     preprocess = config.dataset_preprocess_config or TorchTuneInstructDataset()
-    eval_split = check_eval_split(preprocess.split, eval_split)
+    eval_split = check_eval_split(preprocess.split,
+                                  config.eval_split if eval_split is None else eval_split)
     check_gpus_visible(resolved.gpus)
     ws = Workspace.at(workspace)
     with workspace_lock(ws.root, "the fine-tune step", LOCK_FILE):
