@@ -28,6 +28,7 @@ from kfp_finetune.config.types import (
     TorchTuneConfig,
     TorchTuneInstructDataset,
 )
+from kfp_finetune.config.validation import normalize_dataset, normalize_initializer, normalize_lora
 from kfp_finetune.drivers.api import BuiltinTrainer, train
 from kfp_finetune.drivers.cli import build_parser, main
 from kfp_finetune.drivers.fixtures import alpaca_rows
@@ -62,12 +63,28 @@ def T(**kw: object) -> Callable[..., object]:  # noqa: N802 - reads like the cla
     return lambda *_: TorchTuneConfig(**kw)
 
 
+# The SDK's TorchTuneInstructDataset, LoraConfig and initializers check nothing when built
+# (kubeflow/trainer/types/types.py): they are checked where they are used, with the messages
+# our own copies gave when built.
 def D(**kw: object) -> Callable[..., object]:  # noqa: N802
-    return lambda *_: TorchTuneInstructDataset(**kw)
+    return lambda *_: normalize_dataset(TorchTuneInstructDataset(**kw))
 
 
 def L(**kw: object) -> Callable[..., object]:  # noqa: N802
-    return lambda *_: LoraConfig(**kw)
+    return lambda *_: normalize_lora(LoraConfig(**kw))
+
+
+def I(role: str, *args: object, **kw: object) -> Callable[..., object]:  # noqa: N802, E743
+    """A dataset or model initializer as ``train()`` gets it (a good one for the other role)."""
+    def call(ws: Path, tiny: dict[str, Path], bad: dict[str, Path]) -> object:
+        parts: dict[str, object] = {
+            "dataset": HuggingFaceDatasetInitializer(str(tiny["alpaca"] / "data")),
+            "model": HuggingFaceModelInitializer(str(tiny["llama3_2"])),
+        }
+        cls = HuggingFaceDatasetInitializer if role == "dataset" else HuggingFaceModelInitializer
+        parts[role] = cls(*args, **kw)
+        return train(RUNTIME, Initializer(**parts), workspace=ws)  # type: ignore[arg-type]
+    return call
 
 
 def _train(config: TorchTuneConfig | None = None, runtime: str = RUNTIME,
@@ -214,10 +231,10 @@ CASES: list[Case] = [
          _train(TorchTuneConfig(peft_config=LoraConfig(quantize_base=True),
                                 resources_per_node={"gpu": 1}), "torchtune-qwen2.5-1.5b")),
     Case("model-uri-with-path", "api", SourceError, ("'hf://org/model/sub'", "drop the path"),
-         lambda *_: HuggingFaceModelInitializer(storage_uri="hf://org/model/sub")),
+         I("model", storage_uri="hf://org/model/sub")),
     Case("web-url-for-hub", "api", SourceError,
          ("'https'", "hf://org/alpaca"),
-         lambda *_: HuggingFaceDatasetInitializer("https://huggingface.co/datasets/org/alpaca")),
+         I("dataset", "https://huggingface.co/datasets/org/alpaca")),
     # --- CLI -----------------------------------------------------------------------------
     Case("cli-unknown-runtime", "cli", ConfigError, ("'torchtune-llama4'", "kfp-finetune runtimes"),
          argv=("--runtime", "torchtune-llama4")),
@@ -387,28 +404,28 @@ CASES += [
          T(overrides=[f"output_dir={SECRET}"]), hides=(SECRET,)),
     # --- issue 15: storage URIs and initializers ---------------------------------------------
     Case("storage-uri-none", "api", SourceError, ("storage_uri is None", "hf://org/repo"),
-         lambda *_: HuggingFaceDatasetInitializer(None)),  # type: ignore[arg-type]
+         I("dataset", None)),
     Case("storage-uri-int", "api", SourceError, ("of type int", "not text"),
-         lambda *_: HuggingFaceModelInitializer(7)),  # type: ignore[arg-type]
+         I("model", 7)),
     Case("storage-uri-token-as-hf-user", "api", SourceError, ("embeds credentials", "Secret"),
-         lambda *_: HuggingFaceModelInitializer(f"hf://{SECRET}@meta-llama/Llama-3.2-1B"),
+         I("model", f"hf://{SECRET}@meta-llama/Llama-3.2-1B"),
          hides=(SECRET[3:],)),
     Case("storage-uri-presigned-s3", "api", SourceError,
          ("embeds credentials", "X-Amz-Signature=***"),
-         lambda *_: HuggingFaceDatasetInitializer(PRESIGNED),
+         I("dataset", PRESIGNED),
          hides=(SIG, "AKIAIOSFODNN7EXAMPLE", "FwoGZXIvYXdzEXAMPLESESSIONTOKEN")),
     Case("storage-uri-signed-gcs", "api", SourceError, ("embeds credentials",),
-         lambda *_: HuggingFaceDatasetInitializer(
-             f"https://storage.googleapis.com/b/o.parquet?X-Goog-Signature={SIG}"),
+         I("dataset", f"https://storage.googleapis.com/b/o.parquet?X-Goog-Signature={SIG}"),
          hides=(SIG,)),
     Case("storage-uri-component-too-long", "api", SourceError,
          ("300 bytes", "file-name limit of 255"),
-         lambda *_: HuggingFaceDatasetInitializer(f"/data/{LONG}/train")),
+         I("dataset", f"/data/{LONG}/train")),
     Case("initializer-none", "api", ConfigError, ("initializer=None", "Initializer(dataset="),
          lambda ws, *_: train(RUNTIME, None, workspace=ws)),  # type: ignore[arg-type]
     Case("initializer-dataset-as-text", "api", ConfigError,
          ("Initializer(dataset='hf://org/ds')", "HuggingFaceDatasetInitializer(storage_uri="),
-         lambda *_: Initializer(dataset="hf://org/ds")),  # type: ignore[arg-type]
+         lambda ws, *_: train(RUNTIME, Initializer(dataset="hf://org/ds"),  # type: ignore
+                              workspace=ws)),
     # --- issue 15: components (pipeline parameters) -----------------------------------------
     Case("component-lora-without-peft", "component", ConfigError,
          ("lora_rank=8", "lora_method is empty", "lora, qlora or dora"),
@@ -720,9 +737,10 @@ def test_a_local_folder_with_a_space_and_a_path_object_work_in_both_steps(
     shutil.copytree(tiny["llama3_2"], model)
     init = Initializer(dataset=HuggingFaceDatasetInitializer(data),  # type: ignore[arg-type]
                        model=HuggingFaceModelInitializer(f"file://{model}"))
-    assert init.dataset is not None and init.dataset.storage_uri == str(data)
+    dataset = normalize_initializer(init.dataset, "dataset")  # as train() and the client do
+    assert dataset.storage_uri == str(data)
     ws = tmp_path / "ws"
-    summary = initialize_dataset(ws, init.dataset.storage_uri, TorchTuneInstructDataset(),
+    summary = initialize_dataset(ws, dataset.storage_uri, TorchTuneInstructDataset(),
                                  lambda _: None)
     assert summary.plan.rows == 64 and summary.plan.kind == "alpaca"
     info = initialize_model(ws, str(model), RUNTIME, TorchTuneConfig(), lambda _: None).info

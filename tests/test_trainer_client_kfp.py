@@ -89,8 +89,8 @@ def test_train_returns_at_once_with_a_run_and_a_per_run_secret(cluster):
     assert re.fullmatch(r"[a-z][0-9a-f]{11}", name)  # the SDK's job-name form
     run = run_of(kfp_api, name)
     params = run["runtime_config"]["parameters"]
-    assert params["hf_token_secret"] == f"{name}-credentials"
-    assert "s3_secret" not in params  # the pipeline's default Secret name stays
+    assert params["secret_hf_token"] == f"{name}-credentials"
+    assert "secret_s3" not in params  # the pipeline's default Secret name stays
     assert params["model_uri"] == "hf://meta-llama/Llama-3.2-1B-Instruct"
     assert params["gpus_per_node"] == 1 and params["source"] == "parquet"
     (post,) = k8s_api.find("POST", rf"/api/v1/namespaces/{NS}/secrets")
@@ -231,7 +231,7 @@ def test_schedule_creates_lists_and_deletes_a_recurring_run(cluster):
     assert not kfp_api.find("POST", RUNS)
     (rr,) = kfp_api.state.recurring_runs.values()
     assert rr["display_name"] == name and rr["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *"
-    assert rr["runtime_config"]["parameters"]["hf_token_secret"] == f"{name}-credentials"
+    assert rr["runtime_config"]["parameters"]["secret_hf_token"] == f"{name}-credentials"
     (schedule,) = client.list_schedules()
     assert (schedule.name, schedule.cron, schedule.runtime) == (
         name, "0 0 3 * * *", "torchtune-llama3.2-1b")
@@ -243,12 +243,12 @@ def test_schedule_creates_lists_and_deletes_a_recurring_run(cluster):
 def test_s3_initializers_put_keys_endpoint_and_region_in_the_secret(cluster):
     client, kfp_api, k8s_api = cluster
     name = client.train(
-        runtime=get_runtime("torchtune-llama3.2-1b"),  # kfp_finetune's own Runtime works too
+        runtime=get_runtime("torchtune-llama3.2-1b"),  # kfp_finetune.get_runtime: the SDK Runtime
         initializer=Initializer(dataset=S3DatasetInitializer(
             storage_uri="s3://data/alpaca", endpoint="http://minio.minio:9000",
             access_key_id="minio", secret_access_key=S3_SENTINEL, region="eu-west-1")))
     params = run_of(kfp_api, name)["runtime_config"]["parameters"]
-    assert params["s3_secret"] == f"{name}-credentials" and "hf_token_secret" not in params
+    assert params["secret_s3"] == f"{name}-credentials" and "secret_hf_token" not in params
     assert params["dataset_uri"] == "s3://data/alpaca"
     (secret,) = k8s_api.secrets.values()
     assert secret["stringData"] == {

@@ -11,7 +11,7 @@ from kfp import dsl, kubernetes
 
 from kfp_finetune.components.cleanup_workspace import cleanup_workspace
 from kfp_finetune.components.create_workspace import create_workspace
-from kfp_finetune.config.runtimes import Runtime
+from kfp_finetune.config.runtimes import RuntimeSpec
 from kfp_finetune.steps.check_config import GPU_RESOURCE
 from kfp_finetune.storage.credentials import HF_TOKEN_ENV, S3_SECRET_KEYS
 from kfp_finetune.storage.workspace import WORKSPACE_MOUNT
@@ -52,7 +52,7 @@ class OpsDefaults:
     timeout_s: int
 
 
-def ops_defaults(runtime: Runtime) -> OpsDefaults:
+def ops_defaults(runtime: RuntimeSpec) -> OpsDefaults:
     """Defaults for a runtime: CPU tasks for the tiny ones, 4 CPUs and 32Gi per GPU otherwise."""
     gpus = runtime.default_gpus
     if gpus == 0:

@@ -45,7 +45,7 @@ from kfp_finetune.components.fine_tune import fine_tune
 from kfp_finetune.components.model_initializer import model_initializer
 from kfp_finetune.components.tokenize_dataset import tokenize_dataset
 from kfp_finetune.config.parameters import PARAMETERS, Param
-from kfp_finetune.config.runtimes import Runtime, get_runtime
+from kfp_finetune.config.runtimes import RuntimeSpec, get_runtime
 from kfp_finetune.pipelines.finetune.cluster import (
     Tasks,
     apply_cluster_settings,
@@ -55,19 +55,19 @@ from kfp_finetune.pipelines.finetune.cluster import (
 from kfp_finetune.storage.workspace import WORKSPACE_MOUNT
 
 
-def pipeline_name(runtime: Runtime) -> str:
+def pipeline_name(runtime: RuntimeSpec) -> str:
     """KFP pipeline name of a runtime, e.g. ``kfp-finetune-torchtune-llama3-2-1b``."""
     return "kfp-finetune-" + runtime.name.replace(".", "-")
 
 
-def pipeline_params(runtime: Runtime, given: Collection[str] | None = None) -> list[Param]:
+def pipeline_params(runtime: RuntimeSpec, given: Collection[str] | None = None) -> list[Param]:
     """The parameters of a runtime's pipeline: all (cluster) or the given ones (local)."""
     if given is None:
         return list(PARAMETERS)
     return [p for p in PARAMETERS if p.name in given and not p.cluster_only]
 
 
-def _signature(runtime: Runtime, params: list[Param]) -> inspect.Signature:
+def _signature(runtime: RuntimeSpec, params: list[Param]) -> inspect.Signature:
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     return inspect.Signature([
         inspect.Parameter(p.name, kind, default=p.default_for(runtime),
@@ -87,7 +87,7 @@ def build_pipeline(runtime_name: str, local_workspace: str | None = None,
     """Build the pipeline for one runtime.
 
     Args:
-        runtime_name: Runtime whose defaults the pipeline parameters take.
+        runtime_name: RuntimeSpec whose defaults the pipeline parameters take.
         local_workspace: None for a cluster (PVC at /workspace); a folder for ``kfp.local``.
         given: For a local pipeline, the names of the parameters the run sets.
 

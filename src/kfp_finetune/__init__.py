@@ -1,22 +1,18 @@
 """kfp-finetune: fine-tune LLMs with torchtune on Kubeflow Pipelines.
 
-The names mirror the Kubeflow Trainer SDK (``TorchTuneConfig``, ``TorchTuneInstructDataset``,
-``LoraConfig``, ``HuggingFaceDatasetInitializer``, ...). Heavy modules (torch, torchtune, kfp)
-are imported only when a function that needs them runs.
+The types are the Kubeflow Trainer SDK's own (``kfp_finetune.LoraConfig is
+kubeflow.trainer.LoraConfig``; likewise ``TorchTuneInstructDataset``, ``Initializer``, the
+``HuggingFace*`` and ``S3*`` initializers, ``BuiltinTrainer``, ``Runtime`` and the enums), except
+``TorchTuneConfig``: the SDK's with the settings it lacks (a subclass). Heavy modules (torch,
+torchtune, kfp, and ``kubeflow.trainer``, whose package imports the Kubernetes client) are
+imported only when a name that needs them is first used: ``import kfp_finetune.errors`` or
+``kfp_finetune.storage`` stays light.
 """
 
-from kfp_finetune.config.runtimes import RUNTIMES, Runtime, get_runtime
-from kfp_finetune.config.types import (
-    DataFormat,
-    DataType,
-    HuggingFaceDatasetInitializer,
-    HuggingFaceModelInitializer,
-    Initializer,
-    LoraConfig,
-    Loss,
-    TorchTuneConfig,
-    TorchTuneInstructDataset,
-)
+from __future__ import annotations
+
+from typing import Any
+
 from kfp_finetune.errors import (
     ConfigError,
     DatasetError,
@@ -46,6 +42,8 @@ __all__ = [
     "Loss",
     "ModelError",
     "Runtime",
+    "S3DatasetInitializer",
+    "S3ModelInitializer",
     "SourceError",
     "TorchTuneConfig",
     "TorchTuneInstructDataset",
@@ -56,16 +54,53 @@ __all__ = [
     "train",
 ]
 
+_TYPES = ("BuiltinTrainer", "DataFormat", "DataType", "HuggingFaceDatasetInitializer",
+          "HuggingFaceModelInitializer", "Initializer", "LoraConfig", "Loss", "Runtime",
+          "S3DatasetInitializer", "S3ModelInitializer", "TorchTuneConfig",
+          "TorchTuneInstructDataset")
 
-def __getattr__(name: str):
-    # train() and BuiltinTrainer pull in kfp; import them only when asked for.
-    if name in ("train", "BuiltinTrainer"):
+
+def get_runtime(name: str) -> Any:
+    """One of this project's runtimes as the Kubeflow SDK's ``Runtime`` (``train()`` takes it).
+
+    Args:
+        name: Runtime name, e.g. ``torchtune-llama3.2-1b`` (``kfp-finetune runtimes`` lists
+            them).
+
+    Returns:
+        The SDK's ``kubeflow.trainer.Runtime``, as ``TrainerClient().get_runtime(name)``
+        returns it. (The project's own description of a runtime is
+        ``kfp_finetune.config.runtimes.RuntimeSpec``.)
+
+    Raises:
+        ConfigError: No runtime has that name; the message lists them.
+    """
+    from kfp_finetune.config.types import sdk_runtime
+
+    return sdk_runtime(name)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TYPES:
+        from kfp_finetune.config import types
+
+        return getattr(types, name)
+    if name == "RUNTIMES":
+        from kfp_finetune.config.runtimes import RUNTIMES
+
+        return RUNTIMES
+    # train() pulls in kfp; import it only when asked for.
+    if name == "train":
         from kfp_finetune.drivers import api
 
-        return getattr(api, name)
+        return api.train
     # The SDK-compatible client pulls in kubeflow, kfp and kubernetes: likewise on demand.
     if name in ("TrainerClient", "KfpBackendConfig", "LocalBackendConfig"):
         from kfp_finetune.drivers import client
 
         return getattr(client, name)
     raise AttributeError(f"module 'kfp_finetune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

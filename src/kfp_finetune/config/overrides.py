@@ -44,7 +44,7 @@ OWNED: dict[str, str] = {
     "checkpointer.model_type": "the runtime sets it; choose another runtime",
     "checkpointer.recipe_checkpoint": "the fine-tune step manages resuming",
     "checkpointer._component_": "the export step reads the Hugging Face checkpointer's output",
-    "model._component_": "the runtime and peft_method choose the model builder",
+    "model._component_": "the runtime and lora_method choose the model builder",
     "model.checkpoint_dir": "the pipeline fixes it to the workspace layout",
     "dataset._component_": "the dataset step chooses the builder from the data's columns",
     "dataset.source": "use the source parameter",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kfp_finetune.config.runtimes import Runtime
+    from kfp_finetune.config.runtimes import RuntimeSpec
 
 DEFAULT_DATASET_URI = "hf://tatsu-lab/alpaca/data"
 DEFAULT_HF_SECRET = "hf-token"
@@ -67,7 +67,7 @@ class Param:
     aliases: tuple[str, ...] = ()
     cli_style: str = ""
 
-    def default_for(self, runtime: Runtime) -> Any:
+    def default_for(self, runtime: RuntimeSpec) -> Any:
         """The default for one runtime (a copy for lists and maps)."""
         value = self.default(runtime) if callable(self.default) else self.default
         return list(value) if isinstance(value, list) else \
@@ -79,15 +79,15 @@ class Param:
         return self.default is None
 
 
-def _ops_cpu(rt: Runtime) -> str:
+def _ops_cpu(rt: RuntimeSpec) -> str:
     return str(4 * rt.default_gpus) if rt.default_gpus else "2"
 
 
-def _ops_memory(rt: Runtime) -> str:
+def _ops_memory(rt: RuntimeSpec) -> str:
     return f"{32 * rt.default_gpus}Gi" if rt.default_gpus else "8Gi"
 
 
-_rt: Callable[[str], Callable[[Runtime], Any]] = lambda attr: (  # noqa: E731
+_rt: Callable[[str], Callable[[RuntimeSpec], Any]] = lambda attr: (  # noqa: E731
     lambda rt: getattr(rt, attr).value if hasattr(getattr(rt, attr), "value")
     else getattr(rt, attr))
 

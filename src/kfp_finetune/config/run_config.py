@@ -123,7 +123,8 @@ def canonical_names(values: dict[str, Any]) -> dict[str, Any]:
                           "accepted for one release.", DeprecationWarning, stacklevel=3)
             name = new
         if name not in BY_NAME:
-            near = get_close_matches(name, list(BY_NAME), n=3)
+            near = list(dict.fromkeys(
+                ALIASES.get(n, n) for n in get_close_matches(name, [*BY_NAME, *ALIASES], n=3)))
             raise ConfigError(
                 f"{name!r} is not a pipeline parameter"
                 f"{'; did you mean ' + ' or '.join(near) + '?' if near else ''} "

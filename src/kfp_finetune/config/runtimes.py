@@ -4,10 +4,16 @@ A runtime fixes the model family (which torchtune model builder, tokenizer and c
 format to use), the default model URI and the default GPU count. The ``-tiny`` runtimes build
 the model from the checkpoint's own ``config.json``, so any checkpoint of that architecture
 works with them; they exist for CPU runs and smoke tests.
+
+A runtime is described here by a :class:`RuntimeSpec` (model URI, defaults, recipe inputs);
+users see it as the Kubeflow SDK's ``Runtime`` (``kfp_finetune.config.types.sdk_runtime``, what
+``kfp_finetune.get_runtime`` and ``TrainerClient.get_runtime`` return). Wherever a runtime is
+taken, its name, the SDK's ``Runtime`` or a ``RuntimeSpec`` will do (:func:`runtime_name`).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,8 +85,8 @@ class MemoryRule:
 
 
 @dataclass(frozen=True)
-class Runtime:
-    """One fine-tuning runtime.
+class RuntimeSpec:
+    """One fine-tuning runtime: what this project knows of it (called ``Runtime`` before).
 
     Attributes:
         name: Runtime name, e.g. ``torchtune-llama3.2-1b``.
@@ -164,10 +170,10 @@ LLAMA_70B_OFFLOAD = MemoryRule(
     full_only=True,
 )
 
-RUNTIMES: dict[str, Runtime] = {
+RUNTIMES: dict[str, RuntimeSpec] = {
     rt.name: rt
     for rt in (
-        Runtime(
+        RuntimeSpec(
             name="torchtune-llama3.2-1b",
             description="Llama 3.2 1B Instruct",
             config_family="llama3_2",
@@ -186,7 +192,7 @@ RUNTIMES: dict[str, Runtime] = {
             memory_rules=(_no_checkpointing(40, "~25 GiB, estimated"),),
             param_count=1_235_814_400,
         ),
-        Runtime(
+        RuntimeSpec(
             name="torchtune-llama3.2-3b",
             description="Llama 3.2 3B Instruct",
             config_family="llama3_2",
@@ -205,7 +211,7 @@ RUNTIMES: dict[str, Runtime] = {
             memory_rules=(_no_checkpointing(70, "~50 GiB, estimated"),),
             param_count=3_212_749_824,
         ),
-        Runtime(
+        RuntimeSpec(
             name="torchtune-llama3.3-70b",
             description="Llama 3.3 70B Instruct (8 GPUs)",
             config_family="llama3_3",
@@ -226,7 +232,7 @@ RUNTIMES: dict[str, Runtime] = {
             memory_rules=(LLAMA_70B_OFFLOAD,),
             param_count=70_553_706_496,
         ),
-        Runtime(
+        RuntimeSpec(
             name="torchtune-qwen2.5-1.5b",
             description="Qwen2.5 1.5B Instruct",
             config_family="qwen2_5",
@@ -245,7 +251,7 @@ RUNTIMES: dict[str, Runtime] = {
             memory_rules=(_no_checkpointing(40, "~22 GiB, estimated"),),
             param_count=1_543_714_304,
         ),
-        Runtime(
+        RuntimeSpec(
             name="torchtune-llama3.2-tiny",
             description="Any Llama-3.2-architecture checkpoint, built from its config.json "
             "(CPU runs and smoke tests)",
@@ -265,7 +271,7 @@ RUNTIMES: dict[str, Runtime] = {
             # One update per batch: the tiny runs are a handful of steps long.
             defaults={"gradient_accumulation_steps": 1},
         ),
-        Runtime(
+        RuntimeSpec(
             name="torchtune-qwen2.5-tiny",
             description="Any Qwen2.5-architecture checkpoint, built from its config.json "
             "(CPU runs and smoke tests)",
@@ -289,11 +295,11 @@ RUNTIMES: dict[str, Runtime] = {
 }
 
 
-def get_runtime(name: str) -> Runtime:
-    """Look up a runtime by name.
+def get_runtime(name: Any) -> RuntimeSpec:
+    """Look up a runtime by name (or by the SDK's ``Runtime``, or a ``RuntimeSpec``).
 
     Args:
-        name: Runtime name, e.g. ``torchtune-llama3.2-1b``.
+        name: Runtime name, e.g. ``torchtune-llama3.2-1b``, or a runtime object.
 
     Returns:
         The runtime.
@@ -301,7 +307,9 @@ def get_runtime(name: str) -> Runtime:
     Raises:
         ConfigError: No runtime has that name; the message lists them.
     """
-    runtime = RUNTIMES.get(name.strip() if isinstance(name, str) else name)
+    if not isinstance(name, str):
+        name = runtime_name(name)
+    runtime = RUNTIMES.get(name.strip())
     if runtime is None:
         raise ConfigError(
             f"runtime={name!r} is unknown; choose one of: {', '.join(RUNTIMES)} "
@@ -310,9 +318,46 @@ def get_runtime(name: str) -> Runtime:
     return runtime
 
 
-def runtime_for_shape(hf_model_type: str, hidden_size: int, layers: int) -> Runtime | None:
+def runtime_name(runtime: Any) -> str:
+    """The runtime's name from a name, the SDK's ``Runtime`` or a ``RuntimeSpec``.
+
+    Raises:
+        ConfigError: None was given, or the name is not one of this project's runtimes.
+    """
+    if runtime is None:
+        raise ConfigError(
+            f"runtime is missing; pass one of {', '.join(RUNTIMES)} or "
+            "get_runtime(name)."
+        )
+    name = runtime if isinstance(runtime, str) else getattr(runtime, "name", None)
+    if not isinstance(name, str):
+        shown = repr(runtime) if isinstance(runtime, (int, float, dict, list)) else \
+            type(runtime).__name__
+        raise ConfigError(
+            f"runtime={shown} is neither a runtime name nor a Runtime; pass e.g. "
+            "'torchtune-llama3.2-1b' or get_runtime('torchtune-llama3.2-1b')."
+        )
+    return get_runtime(name).name
+
+
+def runtime_for_shape(
+    hf_model_type: str, hidden_size: int, layers: int
+) -> RuntimeSpec | None:
     """The full-size runtime whose model has this architecture and shape, if any."""
     for runtime in RUNTIMES.values():
         if runtime.hf_model_type == hf_model_type and runtime.shape == (hidden_size, layers):
             return runtime
     return None
+
+
+def __getattr__(name: str) -> Any:
+    # Deprecated alias (README, "Deprecated names"): the class was called Runtime before
+    # kfp_finetune.Runtime became the Kubeflow SDK's Runtime.
+    if name == "Runtime":
+        warnings.warn(
+            "kfp_finetune.config.runtimes.Runtime is deprecated; it is now called RuntimeSpec "
+            "(kfp_finetune.Runtime is the Kubeflow SDK's Runtime).",
+            DeprecationWarning, stacklevel=2,
+        )
+        return RuntimeSpec
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,308 +1,80 @@
-"""The user-facing API, with the names and meaning of the Kubeflow Trainer SDK.
+"""The user-facing types: the Kubeflow Trainer SDK's own, and one extension of them.
 
-A user of ``kubeflow.trainer`` recognises every class here: ``TorchTuneConfig``,
-``TorchTuneInstructDataset``, ``LoraConfig``, ``HuggingFaceDatasetInitializer``,
-``HuggingFaceModelInitializer`` and the enums ``DataType``, ``DataFormat`` and ``Loss``.
-Every dataclass validates itself on construction, so bad input fails before anything runs.
+``LoraConfig``, ``TorchTuneInstructDataset``, ``Initializer``, the ``HuggingFace*`` and ``S3*``
+initializers, ``BuiltinTrainer``, ``Runtime`` and the enums ``DataType``, ``DataFormat`` and
+``Loss`` ARE ``kubeflow.trainer``'s classes (``kfp_finetune.LoraConfig is
+kubeflow.trainer.LoraConfig``). The settings the SDK lacks live in one extension,
+:class:`TorchTuneConfig`, a subclass of the SDK's ``TorchTuneConfig``: an SDK
+``TorchTuneConfig`` is accepted anywhere, and ours is one.
+
+The SDK's dataclasses check nothing when they are built; ours checks its own fields and its
+nested SDK objects (``peft_config``, ``dataset_preprocess_config``) when it is built, and
+:func:`normalize_config` checks an SDK ``TorchTuneConfig`` where it is used (``train()``, the
+client, the CLI). The checks themselves are in :mod:`kfp_finetune.config.validation`.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import re
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any, TypeVar
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from kubeflow.trainer import (
+    BuiltinTrainer,
+    DataFormat,
+    DataType,
+    HuggingFaceDatasetInitializer,
+    HuggingFaceModelInitializer,
+    Initializer,
+    LoraConfig,
+    Loss,
+    Runtime,
+    S3DatasetInitializer,
+    S3ModelInitializer,
+    TorchTuneInstructDataset,
+)
+from kubeflow.trainer import TorchTuneConfig as SdkTorchTuneConfig
 
 from kfp_finetune.config.overrides import FIXED_KEYS as FIXED_KEYS
 from kfp_finetune.config.overrides import check_overrides
+from kfp_finetune.config.validation import (
+    LORA_RANK_MAX,
+    SEED_MAX,
+    check_bool,
+    check_column_map,
+    check_int,
+    check_number,
+    check_resources,
+    check_split_syntax,
+    coerce_enum,
+    normalize_dataset,
+    normalize_initializer,
+    normalize_lora,
+)
 from kfp_finetune.errors import ConfigError
 
-
-class Loss(Enum):
-    """Loss function for the fine-tune step (value: the torchtune component path)."""
-
-    CEWithChunkedOutputLoss = "torchtune.modules.loss.CEWithChunkedOutputLoss"
-
-
-class DataType(Enum):
-    """Training precision."""
-
-    BF16 = "bf16"
-    FP32 = "fp32"
-
-
-class DataFormat(Enum):
-    """Format of the dataset files (the ``datasets`` builder name)."""
-
-    JSON = "json"
-    CSV = "csv"
-    PARQUET = "parquet"
-    ARROW = "arrow"
-    TEXT = "text"
-    XML = "xml"
-
-
-E = TypeVar("E", bound=Enum)
-
-
-def coerce_enum(enum_cls: type[E], value: Any, field_name: str) -> E:
-    """Turn an enum member, its value or its name (any case) into the member.
-
-    Args:
-        enum_cls: The enum class, e.g. ``DataType``.
-        value: ``DataType.BF16``, ``"bf16"``, ``"BF16"`` or ``"DataType.BF16"``.
-        field_name: Parameter name, used in the error message.
-
-    Returns:
-        The enum member.
-
-    Raises:
-        ConfigError: The value names no member; the message lists the allowed values.
-    """
-    if isinstance(value, enum_cls):
-        return value
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith(f"{enum_cls.__name__}."):
-            text = text[len(enum_cls.__name__) + 1 :]
-        for member in enum_cls:
-            if text == member.value or text.lower() == member.name.lower():
-                return member
-    allowed = ", ".join(repr(m.value) for m in enum_cls)
-    raise ConfigError(
-        f"{field_name}={value!r} is not a valid {enum_cls.__name__}; "
-        f"use one of {allowed} (or the enum member, e.g. {enum_cls.__name__}."
-        f"{next(iter(enum_cls)).name})."
-    )
-
-
-def _check_int(value: Any, field_name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(
-            f"{field_name}={value!r} must be an integer >= {minimum}; "
-            f"pass a whole number such as {max(minimum, 1)}."
-        )
-    if value < minimum:
-        raise ConfigError(
-            f"{field_name}={value} is below the minimum {minimum}; set {field_name} to {minimum} "
-            "or more."
-        )
-    return value
-
-
-def _check_number(value: Any, field_name: str, low: float, high: float | None,
-                  low_open: bool = True, high_open: bool = True, example: str = "") -> float:
-    """A finite real number within the bounds (NaN and infinities are refused)."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float))
-    if ok and not math.isfinite(value):
-        raise ConfigError(
-            f"{field_name}={value!r} is not a finite number; give a real value"
-            f"{' such as ' + example if example else ''}."
-        )
-    ok = ok and (value > low if low_open else value >= low)
-    ok = ok and (high is None or (value < high if high_open else value <= high))
-    if not ok:
-        span = (f"{'(' if low_open else '['}{low:g}, "
-                f"{'inf)' if high is None else f'{high:g}' + (')' if high_open else ']')}")
-        raise ConfigError(
-            f"{field_name}={value!r} must be a number in {span}"
-            f"{', e.g. ' + example if example else ''}."
-        )
-    return float(value)
-
-
-# torchtune.training.seed.set_seed (0.6.1) refuses seeds outside [0, 2**32 - world_size]
-# (each rank seeds numpy with seed + rank, a uint32); with up to 8 processes per node:
-SEED_MAX = 2**32 - 8
-# LoRA exists to train a low-rank update; a rank above this is as large as the hidden size of
-# the biggest supported model (8192, Llama 3.3 70B: 1024 keeps the adapter < 1/8 of a layer)
-# and is a typo (an extra zero) far more often than a choice.
-LORA_RANK_MAX = 1024
-_COLUMN_KEYS = ("instruction", "input", "output", "messages", "conversations")
+__all__ = [
+    "FIXED_KEYS", "LORA_RANK_MAX", "SEED_MAX", "BuiltinTrainer", "DataFormat", "DataType",
+    "HuggingFaceDatasetInitializer", "HuggingFaceModelInitializer", "Initializer",
+    "LoraConfig", "Loss", "Runtime", "S3DatasetInitializer", "S3ModelInitializer",
+    "SdkTorchTuneConfig", "TorchTuneConfig", "TorchTuneInstructDataset", "check_column_map",
+    "check_split_syntax", "coerce_enum", "normalize_config", "normalize_dataset",
+    "normalize_initializer", "normalize_lora", "sdk_runtime",
+]
 
 
 @dataclass
-class TorchTuneInstructDataset:
-    """How the dataset files are read and turned into prompts and responses.
+class TorchTuneConfig(SdkTorchTuneConfig):
+    """The SDK's ``TorchTuneConfig`` with the settings it lacks (the one extension).
+
+    Use it as ``BuiltinTrainer(config=TorchTuneConfig(...))``. The first eight fields are the
+    SDK's; the others are this project's. Every field is checked when the config is built,
+    and so are the nested ``LoraConfig`` and ``TorchTuneInstructDataset`` (which are stored
+    as checked copies, the defaults filled in: the objects you passed are not changed).
 
     Args:
-        source: Format of the data files (``DataFormat`` or its value). Default: parquet.
-        split: Split expression of ``datasets``, e.g. ``"train[:95%]"``. Default: ``"train"``.
-        train_on_input: Whether the prompt tokens count in the loss. Default: False.
-        new_system_prompt: A system message prepended to every sample. Default: none.
-        column_map: Maps the expected column names (``instruction``, ``input``, ``output``) to
-            the names in your data, e.g. ``{"input": "incorrect", "output": "correct"}``.
-    """
-
-    source: DataFormat | str | None = None
-    split: str | None = None
-    train_on_input: bool | None = None
-    new_system_prompt: str | None = None
-    column_map: dict[str, str] | None = None
-
-    def __post_init__(self) -> None:
-        self.source = coerce_enum(DataFormat, self.source or DataFormat.PARQUET, "source")
-        if self.split is None or self.split == "":
-            self.split = "train"
-        check_split_syntax(self.split)
-        if self.train_on_input is None:
-            self.train_on_input = False
-        if not isinstance(self.train_on_input, bool):
-            raise ConfigError(
-                f"train_on_input={self.train_on_input!r} must be true or false."
-            )
-        if self.new_system_prompt == "":
-            self.new_system_prompt = None
-        if self.new_system_prompt is not None and not isinstance(self.new_system_prompt, str):
-            raise ConfigError(f"new_system_prompt={self.new_system_prompt!r} must be text.")
-        self.column_map = check_column_map(self.column_map)
-
-
-_SPLIT_RE = re.compile(
-    r"^[A-Za-z_][\w.-]*"  # split name
-    r"(\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?$"  # optional slice [a:b], percents allowed
-)
-
-
-def check_split_syntax(split: str) -> str:
-    """Check a ``datasets`` split expression such as ``train`` or ``train[:95%]``.
-
-    Args:
-        split: The split expression.
-
-    Returns:
-        The split, unchanged.
-
-    Raises:
-        ConfigError: The expression is not of the form ``name`` or ``name[start:stop]``.
-    """
-    if not isinstance(split, str) or not _SPLIT_RE.match(split.strip()):
-        raise ConfigError(
-            f"split={split!r} is not a valid split expression; use a split name with an "
-            "optional slice, e.g. 'train', 'train[:95%]' or 'train[100:200]'."
-        )
-    for part in re.findall(r"-?\d+%", split):
-        if not 0 <= abs(int(part[:-1])) <= 100:
-            raise ConfigError(
-                f"split={split!r} has the percentage {part}; percentages must lie in 0..100%."
-            )
-    return split.strip()
-
-
-def check_column_map(column_map: Any) -> dict[str, str] | None:
-    """Validate a column map: keys are the expected column names, values the dataset's.
-
-    Args:
-        column_map: A mapping or None.
-
-    Returns:
-        The mapping as a plain dict, or None when empty.
-
-    Raises:
-        ConfigError: It is not a mapping of known keys to non-empty column names.
-    """
-    if column_map is None or column_map == {}:
-        return None
-    if not isinstance(column_map, dict):
-        raise ConfigError(
-            f"column_map={column_map!r} must be a mapping such as "
-            "{'input': 'question', 'output': 'answer'}."
-        )
-    for key, value in column_map.items():
-        if key not in _COLUMN_KEYS:
-            raise ConfigError(
-                f"column_map key {key!r} is not an expected column; keys must be among "
-                f"{', '.join(_COLUMN_KEYS)} and values the column names in your data."
-            )
-        if not isinstance(value, str) or not value.strip():
-            raise ConfigError(
-                f"column_map[{key!r}]={value!r} must be the non-empty name of a column in "
-                "your data."
-            )
-    seen: dict[str, str] = {}
-    for key, value in column_map.items():
-        if value.strip() in seen:
-            raise ConfigError(
-                f"column_map maps both {seen[value.strip()]!r} and {key!r} to the column "
-                f"{value.strip()!r}; the model would learn to copy its prompt. Map each of them "
-                "to its own column."
-            )
-        seen[value.strip()] = key
-    return {str(k): str(v).strip() for k, v in column_map.items()}
-
-
-_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
-
-
-@dataclass
-class LoraConfig:
-    """Parameter-efficient fine-tuning: LoRA, QLoRA (``quantize_base``) or DoRA (``use_dora``).
-
-    Args:
-        apply_lora_to_mlp: Add LoRA to the MLP layers. Default: runtime config's.
-        apply_lora_to_output: Add LoRA to the output projection. Default: runtime config's.
-        lora_attn_modules: Attention projections that get LoRA, among q_proj, k_proj, v_proj,
-            output_proj. Default: ``["q_proj", "v_proj", "output_proj"]``.
-        lora_rank: Rank of the LoRA matrices. Default: runtime config's.
-        lora_alpha: LoRA scaling. Default: runtime config's.
-        lora_dropout: Dropout on the LoRA path. Default: runtime config's.
-        quantize_base: Quantize the frozen base weights to NF4 (QLoRA).
-        use_dora: Use DoRA instead of LoRA.
-    """
-
-    apply_lora_to_mlp: bool | None = None
-    apply_lora_to_output: bool | None = None
-    lora_attn_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "v_proj", "output_proj"]
-    )
-    lora_rank: int | None = None
-    lora_alpha: int | float | None = None
-    lora_dropout: float | None = None
-    quantize_base: bool | None = None
-    use_dora: bool | None = None
-
-    def __post_init__(self) -> None:
-        modules = list(self.lora_attn_modules or [])
-        if not modules or any(m not in _LORA_MODULES for m in modules):
-            raise ConfigError(
-                f"lora_attn_modules={self.lora_attn_modules!r} must be a non-empty list among "
-                f"{', '.join(_LORA_MODULES)}."
-            )
-        self.lora_attn_modules = modules
-        if self.lora_rank is not None:
-            _check_int(self.lora_rank, "lora_rank", 1)
-            if self.lora_rank > LORA_RANK_MAX:
-                raise ConfigError(
-                    f"lora_rank={self.lora_rank} is above {LORA_RANK_MAX}: LoRA trains a "
-                    "low-rank update, and a rank that large costs as much memory as full "
-                    "fine-tuning (usual ranks are 8 to 128); lower it, or use full fine-tuning "
-                    "(peft_method none)."
-                )
-        if self.lora_alpha is not None:
-            _check_number(self.lora_alpha, "lora_alpha", 0, None, example="16 or 2 * lora_rank")
-        if self.lora_dropout is not None:
-            try:
-                _check_number(self.lora_dropout, "lora_dropout", 0, 1, low_open=False,
-                              example="0.05")
-            except ConfigError:
-                raise ConfigError(
-                    f"lora_dropout={self.lora_dropout!r} must lie in [0, 1), e.g. 0.05."
-                ) from None
-        if self.quantize_base and self.use_dora:
-            raise ConfigError(
-                "quantize_base=True with use_dora=True is not supported by torchtune's "
-                "recipes; choose QLoRA (quantize_base) or DoRA (use_dora), not both."
-            )
-
-
-@dataclass
-class TorchTuneConfig:
-    """The fine-tune step's configuration (``BuiltinTrainer(config=TorchTuneConfig(...))``).
-
-    Args:
-        dtype: Training precision, ``DataType.BF16`` or ``DataType.FP32``. Default: runtime's.
+        dtype: Training precision, ``DataType.BF16`` or ``DataType.FP32`` (or ``"bf16"``,
+            ``"fp32"``). Default: runtime's.
         batch_size: Samples per device per step. Default: runtime's.
         epochs: Passes over the dataset. Default: runtime's.
         loss: Loss function. Default: ``Loss.CEWithChunkedOutputLoss``.
@@ -328,14 +100,6 @@ class TorchTuneConfig:
             it. Default: none (no held-out evaluation).
     """
 
-    dtype: DataType | str | None = None
-    batch_size: int | None = None
-    epochs: int | None = None
-    loss: Loss | str | None = None
-    num_nodes: int | None = None
-    peft_config: LoraConfig | None = None
-    dataset_preprocess_config: TorchTuneInstructDataset | None = None
-    resources_per_node: dict[str, Any] | None = None
     learning_rate: float | None = None
     gradient_accumulation_steps: int | None = None
     max_seq_len: int | None = None
@@ -352,37 +116,25 @@ class TorchTuneConfig:
             self.dtype = coerce_enum(DataType, self.dtype, "dtype")
         if self.loss is not None:
             self.loss = coerce_enum(Loss, self.loss, "loss")
-        if self.batch_size is not None:
-            _check_int(self.batch_size, "batch_size", 1)
-        if self.epochs is not None:
-            _check_int(self.epochs, "epochs", 1)
-        if self.num_nodes is not None:
-            _check_int(self.num_nodes, "num_nodes", 1)
-            if self.num_nodes != 1:
-                raise ConfigError(
-                    f"num_nodes={self.num_nodes} is not supported: torchtune fine-tuning runs on "
-                    "one node (as in Kubeflow Trainer); set num_nodes=1 and use "
-                    "resources_per_node={'gpu': N} for several GPUs."
-                )
-        if self.peft_config is not None and not isinstance(self.peft_config, LoraConfig):
+        for name in ("batch_size", "epochs", "num_nodes"):
+            if getattr(self, name) is not None:
+                check_int(getattr(self, name), name, 1)
+        if self.num_nodes is not None and self.num_nodes != 1:
             raise ConfigError(
-                f"peft_config={self.peft_config!r} must be a LoraConfig(...) or None."
+                f"num_nodes={self.num_nodes} is not supported: torchtune fine-tuning runs on "
+                "one node (as in Kubeflow Trainer); set num_nodes=1 and use "
+                "resources_per_node={'gpu': N} for several GPUs."
             )
-        if self.dataset_preprocess_config is None:
-            self.dataset_preprocess_config = TorchTuneInstructDataset()
-        elif not isinstance(self.dataset_preprocess_config, TorchTuneInstructDataset):
-            raise ConfigError(
-                f"dataset_preprocess_config={self.dataset_preprocess_config!r} must be a "
-                "TorchTuneInstructDataset(...)."
-            )
+        self.peft_config = normalize_lora(self.peft_config)
+        self.dataset_preprocess_config = normalize_dataset(self.dataset_preprocess_config)
         if self.resources_per_node is not None:
-            self.resources_per_node = _check_resources(self.resources_per_node)
+            self.resources_per_node = check_resources(self.resources_per_node)
         if self.learning_rate is not None:
-            _check_number(self.learning_rate, "learning_rate", 0, 1, example="2e-5")
+            check_number(self.learning_rate, "learning_rate", 0, 1, example="2e-5")
         for name, minimum in (("gradient_accumulation_steps", 1), ("max_seq_len", 16),
                               ("max_steps_per_epoch", 1), ("seed", 0)):
             if getattr(self, name) is not None:
-                _check_int(getattr(self, name), name, minimum)
+                check_int(getattr(self, name), name, minimum)
         if self.seed is not None and self.seed > SEED_MAX:
             raise ConfigError(
                 f"seed={self.seed} is out of range: torchtune seeds numpy with a 32-bit value "
@@ -390,9 +142,7 @@ class TorchTuneConfig:
                 "e.g. 42."
             )
         for name in ("packed", "activation_checkpointing", "compile"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, bool):
-                raise ConfigError(f"{name}={value!r} must be true or false.")
+            check_bool(getattr(self, name), name)
         self.overrides = check_overrides(self.overrides)
         from kfp_finetune.config.splits import check_eval_split  # splits imports this module
 
@@ -406,92 +156,62 @@ class TorchTuneConfig:
         return self.resources_per_node.get("gpu")
 
 
-def _check_resources(resources: Any) -> dict[str, Any]:
-    if not isinstance(resources, dict):
-        raise ConfigError(
-            f"resources_per_node={resources!r} must be a mapping such as {{'gpu': 1}}."
-        )
-    allowed = {"gpu", "cpu", "memory"}
-    unknown = sorted(set(resources) - allowed)
-    if unknown:
-        raise ConfigError(
-            f"resources_per_node has unknown keys {unknown}; allowed keys are "
-            f"{sorted(allowed)}, e.g. {{'gpu': 2}}."
-        )
-    if "gpu" in resources:
-        _check_int(resources["gpu"], "resources_per_node['gpu']", 0)
-        if resources["gpu"] > 8:
-            raise ConfigError(
-                f"resources_per_node['gpu']={resources['gpu']} exceeds one node's 8 GPUs; "
-                "use 1 to 8 GPUs (multi-node fine-tuning is not supported)."
-            )
-    return dict(resources)
+def normalize_config(config: Any) -> TorchTuneConfig:
+    """The checked ``kfp_finetune.TorchTuneConfig`` for any ``TorchTuneConfig``, or None.
 
-
-@dataclass
-class HuggingFaceDatasetInitializer:
-    """Where the dataset comes from.
+    The one check ``train()``, the client and the CLI run on a config: an SDK
+    ``TorchTuneConfig`` (which checks nothing when built) gets every check of ours, with the
+    same messages; ours is checked again (its fields may have been changed since). The
+    result is a new object.
 
     Args:
-        storage_uri: ``hf://org/repo[/dir-or-file]``, ``file:///abs/path`` or ``/abs/path``.
-        access_token: Never sent as a pipeline parameter: store it in a Kubernetes Secret
-            (``kfp-finetune secret-help``); locally it is read from ``HF_TOKEN``.
-        ignore_patterns: Glob patterns of files not to fetch, e.g. ``["*.md"]``.
+        config: ``kubeflow.trainer.TorchTuneConfig``, ``kfp_finetune.TorchTuneConfig`` or None
+            (all defaults).
+
+    Returns:
+        The checked config, enum values as members, defaults filled in.
+
+    Raises:
+        ConfigError: Not a ``TorchTuneConfig``, or a field is invalid.
     """
-
-    storage_uri: str
-    access_token: str | None = field(default=None, repr=False)
-    ignore_patterns: list[str] | None = None
-
-    def __post_init__(self) -> None:
-        from kfp_finetune.storage.selection import check_ignore_patterns
-        from kfp_finetune.storage.uris import parse_storage_uri
-
-        if isinstance(self.storage_uri, os.PathLike):
-            self.storage_uri = os.fspath(self.storage_uri)  # a pathlib.Path is a local path
-        parse_storage_uri(self.storage_uri, kind="dataset")
-        self.ignore_patterns = list(check_ignore_patterns(self.ignore_patterns)) or None
+    if config is None:
+        return TorchTuneConfig()
+    if not isinstance(config, SdkTorchTuneConfig):
+        shown = repr(config) if isinstance(config, (str, dict)) else type(config).__name__
+        raise ConfigError(
+            f"BuiltinTrainer(config={shown}) is not a TorchTuneConfig; pass "
+            "BuiltinTrainer(config=TorchTuneConfig(...))."
+        )
+    return TorchTuneConfig(**{f.name: getattr(config, f.name)
+                              for f in dataclasses.fields(config) if f.init})
 
 
-@dataclass
-class HuggingFaceModelInitializer:
-    """Where the base model comes from.
+def sdk_runtime(name: Any) -> Runtime:
+    """The Kubeflow SDK's ``Runtime`` for one of this project's runtimes.
 
-    Args:
-        storage_uri: ``hf://org/repo``, ``file:///abs/path`` or ``/abs/path``.
-        access_token: Never sent as a pipeline parameter: store it in a Kubernetes Secret
-            (``kfp-finetune secret-help``); locally it is read from ``HF_TOKEN``.
-        ignore_patterns: Glob patterns of files not to fetch, e.g. ``["original/*.pth"]``;
-            other weight formats are skipped anyway when the repository has safetensors.
+    This is what ``kfp_finetune.get_runtime`` and ``TrainerClient.get_runtime`` return, and
+    what ``train(runtime=...)`` accepts (as it accepts the name).
+
+    Raises:
+        ConfigError: No runtime has that name.
     """
+    from kubeflow.common.constants import UNKNOWN
+    from kubeflow.trainer.types import types
 
-    storage_uri: str
-    access_token: str | None = field(default=None, repr=False)
-    ignore_patterns: list[str] | None = None
+    from kfp_finetune.config.images import TRAINER_IMAGE
+    from kfp_finetune.config.runtimes import get_runtime
 
-    def __post_init__(self) -> None:
-        from kfp_finetune.storage.selection import check_ignore_patterns
-        from kfp_finetune.storage.uris import parse_storage_uri
-
-        if isinstance(self.storage_uri, os.PathLike):
-            self.storage_uri = os.fspath(self.storage_uri)  # a pathlib.Path is a local path
-        parse_storage_uri(self.storage_uri, kind="model")
-        self.ignore_patterns = list(check_ignore_patterns(self.ignore_patterns)) or None
-
-
-@dataclass
-class Initializer:
-    """The dataset and model initializers of one run."""
-
-    dataset: HuggingFaceDatasetInitializer | None = None
-    model: HuggingFaceModelInitializer | None = None
-
-    def __post_init__(self) -> None:
-        for name, cls in (("dataset", HuggingFaceDatasetInitializer),
-                          ("model", HuggingFaceModelInitializer)):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, cls):
-                raise ConfigError(
-                    f"Initializer({name}={value!r}) must be a {cls.__name__}(storage_uri=...) "
-                    f"or None; wrap the URI: {name}={cls.__name__}(storage_uri={value!r})."
-                )
+    rt = get_runtime(name)
+    trainer = types.RuntimeTrainer(
+        trainer_type=types.TrainerType.BUILTIN_TRAINER,
+        framework=types.TORCH_TUNE,
+        image=TRAINER_IMAGE,
+        num_nodes=1,
+        device="gpu" if rt.default_gpus else "cpu",
+        device_count=str(rt.default_gpus) if rt.default_gpus else UNKNOWN,
+    )
+    trainer.set_command(("tune", "run"))
+    return types.Runtime(
+        name=rt.name, trainer=trainer, kind=types.RuntimeKind.CLUSTER_TRAINING_RUNTIME,
+        pretrained_model=rt.model_uri or None,
+    )

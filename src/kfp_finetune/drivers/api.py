@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from kfp_finetune.config.types import Initializer, TorchTuneConfig
+from kfp_finetune.config.types import BuiltinTrainer, Initializer
+from kfp_finetune.drivers.client.sdk_adapter import check_job
 from kfp_finetune.drivers.local import LocalRunResult, run_local
-from kfp_finetune.errors import ConfigError
-from kfp_finetune.storage.credentials import token_env
+
+__all__ = ["BuiltinTrainer", "train"]
 
 
-@dataclass
-class BuiltinTrainer:
-    """The trainer of a run: torchtune with ``config`` (as in ``kubeflow.trainer``)."""
-
-    config: TorchTuneConfig
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set ``values`` in this process's environment (the local tasks inherit it), then restore."""
+    old = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def train(
-    runtime: str,
+    runtime: Any,
     initializer: Initializer,
     trainer: BuiltinTrainer | None = None,
     workspace: str | Path = "kfp-finetune-workspace",
@@ -27,12 +39,18 @@ def train(
 ) -> LocalRunResult:
     """Run the whole pipeline locally (kfp.local), like ``TrainerClient().train(...)``.
 
+    The arguments are checked as the client checks them (``sdk_adapter.check_job``): the
+    Kubeflow SDK's objects are taken as they are.
+
     Args:
-        runtime: Runtime name, e.g. ``torchtune-llama3.2-tiny``.
+        runtime: Runtime name, e.g. ``torchtune-llama3.2-tiny``, or the SDK's ``Runtime`` that
+            ``kfp_finetune.get_runtime(...)`` or ``TrainerClient().get_runtime(...)`` return.
         initializer: ``Initializer(dataset=HuggingFaceDatasetInitializer(...),
-            model=HuggingFaceModelInitializer(...))``. An ``access_token`` given here is passed
-            to the local tasks through the ``HF_TOKEN`` environment variable only.
-        trainer: ``BuiltinTrainer(config=TorchTuneConfig(...))``; default config if None.
+            model=HuggingFaceModelInitializer(...))`` (or the ``S3*`` initializers). An
+            ``access_token`` (or S3 keys) given here reach the local tasks through the
+            ``HF_TOKEN`` (``AWS_*``) environment variables only.
+        trainer: ``BuiltinTrainer(config=TorchTuneConfig(...))`` with the SDK's
+            ``TorchTuneConfig`` or ``kfp_finetune.TorchTuneConfig``; default config if None.
         workspace: Local folder used as the workspace volume.
         export_name: Folder under ``output/`` for the model ("" for the default).
 
@@ -40,37 +58,20 @@ def train(
         Where the fine-tuned model is and the loss per step.
 
     Raises:
-        ConfigError: No dataset initializer was given.
+        ConfigError: A missing, unsupported or invalid argument (before anything runs).
+        SourceError: A storage URI is invalid.
         KfpFinetuneError: A step stopped on one of our errors: that error's own class and
             message (e.g. ``DatasetError`` for a column the data lacks), with the step's name
             in its ``step`` attribute; never kfp.local's generic "Inner task failed".
     """
-    if not isinstance(initializer, Initializer):
-        raise ConfigError(
-            f"initializer={initializer!r} is not an Initializer; pass Initializer(dataset="
-            "HuggingFaceDatasetInitializer(storage_uri=...), model="
-            "HuggingFaceModelInitializer(storage_uri=...))."
-        )
-    if initializer.dataset is None:
-        raise ConfigError(
-            "initializer.dataset is missing; pass Initializer(dataset="
-            "HuggingFaceDatasetInitializer(storage_uri=...), model=...)."
-        )
-    model = initializer.model
-    tokens = {i.access_token for i in (initializer.dataset, model) if i and i.access_token}
-    if len(tokens) > 1:
-        raise ConfigError(
-            "the dataset and model initializers carry different access tokens; one HF_TOKEN is "
-            "used for both, so pass the same token (or set HF_TOKEN)."
-        )
-    config = trainer.config if trainer else TorchTuneConfig()
-    with token_env(next(iter(tokens), None)):
+    job = check_job(runtime, initializer, trainer)
+    with _environment(job.credentials.secret_data()):
         return run_local(
-            runtime,
-            model.storage_uri if model else "",
-            initializer.dataset.storage_uri,
-            config,
+            job.runtime,
+            job.model_uri,
+            job.dataset_uri,
+            job.config,
             workspace,
             export_name,
-            model_ignore_patterns=list(model.ignore_patterns or []) if model else [],
+            model_ignore_patterns=job.model_ignore_patterns,
         )

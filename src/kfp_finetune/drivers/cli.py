@@ -102,7 +102,7 @@ def _cmd_secret_help(args: argparse.Namespace) -> int:
     print("values in shell variables (HF_TOKEN, AWS_ACCESS_KEY_ID, ...), run:\n")
     print(f"  {hf_secret_command(args.hf_secret, args.namespace)}")
     print(f"  {s3_secret_command(args.s3_secret, args.namespace)}\n")
-    print("and run the pipeline with hf_token_secret / s3_secret naming them (both optional).")
+    print("and run the pipeline with secret_hf_token / secret_s3 naming them (both optional).")
     return 0
 
 

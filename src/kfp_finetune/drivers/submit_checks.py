@@ -151,33 +151,41 @@ def check_ops_values(values: dict[str, Any]) -> dict[str, Any]:
     return {k: value for k, value in v.items() if BY_NAME[k].field == OPS}
 
 
-def ops_values(options: dict[str, Any]) -> dict[str, Any]:
-    """Operations settings given in Python (``KfpBackendConfig.pipeline_options``), checked.
+def ops_values(options: dict[str, Any], push_to: str = "") -> dict[str, Any]:
+    """Run settings given in Python (``KfpBackendConfig.pipeline_options``), checked.
 
-    Keys are run-form parameter names (earlier names accepted with a warning); maps and lists
-    may be given as JSON text, an access mode as one string.
+    Keys are run-form parameter names (earlier names accepted with a warning) of the settings
+    the SDK's types do not carry: the operations settings and ``export_*``. Maps and lists may
+    be given as JSON text, an access mode as one string.
+
+    Args:
+        options: The settings.
+        push_to: The run's ``export_push_to`` when ``options`` does not set it.
 
     Raises:
-        ConfigError: A key is not an operations setting, or a value is malformed.
+        ConfigError: A key is not such a setting, or a value is malformed.
     """
     from kfp_finetune.config.parameters import BY_NAME, OPS
-    from kfp_finetune.config.run_config import canonical_names
+    from kfp_finetune.config.run_config import canonical_names, check_type
     from kfp_finetune.drivers.cli_options import json_option
 
     if "pvc_access_mode" in options:  # the single-mode spelling of earlier releases
         options = {**options, "workspace_access_modes": options["pvc_access_mode"]}
         options.pop("pvc_access_mode")
-    ops_names = sorted(p.name for p in BY_NAME.values() if p.field == OPS)
+    allowed = sorted(p.name for p in BY_NAME.values()
+                     if p.field == OPS or p.name.startswith("export_"))
     values = canonical_names(options)
     for name, value in values.items():
         param = BY_NAME[name]
-        if param.field != OPS:
+        if name not in allowed:
             raise ConfigError(
-                f"pipeline_options key {name!r} is not an operations setting (training "
-                f"settings go in TorchTuneConfig); use among: {', '.join(ops_names)}."
+                f"pipeline_options key {name!r} is not a run setting the SDK's types lack "
+                f"(training settings go in TorchTuneConfig); use among: {', '.join(allowed)}."
             )
         if param.cli_style == "json" and isinstance(value, str):
-            values[name] = json_option(value, param)
+            value = json_option(value, param)
         elif param.cli_style == "single" and isinstance(value, str):
-            values[name] = [value]
-    return check_ops_values(values)
+            value = [value]
+        values[name] = check_type(param, value)
+    ops = check_ops_values({"export_push_to": push_to, **values})
+    return {**{k: v for k, v in values.items() if k not in ops}, **ops}

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kfp_finetune.config.types import DataFormat, TorchTuneInstructDataset
+from kfp_finetune.config.validation import normalize_dataset
 from kfp_finetune.steps.dataset_plan import EXTENSIONS, DatasetPlan, plan_dataset
 from kfp_finetune.steps.fetch_step import FetchSummary, Log, fetch_once, print_log
 from kfp_finetune.storage.base import RetryPolicy
@@ -53,6 +54,7 @@ def initialize_dataset(
     Returns:
         What was fetched and how the fine-tune step will read it.
     """
+    preprocess = normalize_dataset(preprocess)  # the SDK's class checks nothing itself
     uri = parse_storage_uri(storage_uri, "dataset")
     fmt = DataFormat(preprocess.source)
     options = FetchOptions(

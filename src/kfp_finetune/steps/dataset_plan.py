@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kfp_finetune.config.types import DataFormat, TorchTuneInstructDataset
+from kfp_finetune.config.validation import normalize_dataset
 from kfp_finetune.errors import DatasetError, KfpFinetuneError
 from kfp_finetune.steps.dataset_rows import check_rows, file_row_counts, locate
 from kfp_finetune.storage.workspace import disk_error
@@ -313,6 +314,7 @@ def plan_dataset(
 
     from kfp_finetune.steps.model_check import check_no_lfs_pointers
 
+    cfg = normalize_dataset(cfg)  # the SDK's class checks nothing itself
     fmt = DataFormat(cfg.source)
     files = data_files(folder, fmt)
     try:

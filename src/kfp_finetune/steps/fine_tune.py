@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kfp_finetune.config.runtimes import Runtime, get_runtime
+from kfp_finetune.config.runtimes import RuntimeSpec, get_runtime
 from kfp_finetune.config.splits import check_eval_split
 from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.errors import (
@@ -128,7 +128,7 @@ def run_fine_tune(
 
     Args:
         workspace: Workspace root.
-        runtime_name: Runtime name.
+        runtime_name: RuntimeSpec name.
         config: The training config.
         log: Where progress lines (and torchtune's log) go.
         eval_split: Held-out split expression (e.g. ``train[95%:]``, disjoint from the
@@ -161,7 +161,7 @@ def run_fine_tune(
 
 def _run_locked(
     ws: Workspace,
-    runtime: Runtime,
+    runtime: RuntimeSpec,
     resolved: ResolvedConfig,
     preprocess: TorchTuneInstructDataset,
     log: Any,

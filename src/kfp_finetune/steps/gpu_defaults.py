@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kfp_finetune.config.runtimes import Runtime
+from kfp_finetune.config.runtimes import RuntimeSpec
 
 # The cosine warm-up of torchtune's LoRA configs (100 steps) is capped at this share of the
 # run's optimizer steps, counted by the recipe after packing
@@ -21,7 +21,7 @@ _COSINE = "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup"
 CAPPED_COSINE = "kfp_finetune.plugins.lr_schedules.cosine_with_capped_warmup"
 
 
-def memory_defaults(runtime: Runtime, gpus: int, gpu_memory_gib: float | None,
+def memory_defaults(runtime: RuntimeSpec, gpus: int, gpu_memory_gib: float | None,
                     lora: bool = False) -> dict[str, Any]:
     """The runtime's GPU-memory-dependent defaults for cards of ``gpu_memory_gib`` GiB.
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kfp_finetune.config.runtimes import RUNTIMES, Runtime, runtime_for_shape
+from kfp_finetune.config.runtimes import RUNTIMES, RuntimeSpec, runtime_for_shape
 from kfp_finetune.errors import ModelError
 
 _BIN_WEIGHTS = re.compile(r"^(pytorch_)?model(-\d+-of-\d+)?\.bin$")
@@ -82,7 +82,9 @@ def check_config_numbers(cfg: dict[str, Any], where: str = "the model") -> None:
             )
 
 
-def check_model_config(cfg: dict[str, Any], runtime: Runtime, where: str = "the model") -> None:
+def check_model_config(
+    cfg: dict[str, Any], runtime: RuntimeSpec, where: str = "the model"
+) -> None:
     """Check a parsed ``config.json`` against the runtime's family and size.
 
     Raises:
@@ -220,7 +222,9 @@ def check_safetensors(path: Path) -> int:
     )
 
 
-def check_model_files(names: list[str], runtime: Runtime, where: str = "the model") -> None:
+def check_model_files(
+    names: list[str], runtime: RuntimeSpec, where: str = "the model"
+) -> None:
     """Check a file listing (before download): config, weights and tokenizer files present.
 
     Raises:
@@ -246,7 +250,7 @@ def check_model_files(names: list[str], runtime: Runtime, where: str = "the mode
         )
 
 
-def check_model(folder: Path, runtime: Runtime) -> ModelInfo:
+def check_model(folder: Path, runtime: RuntimeSpec) -> ModelInfo:
     """Check that ``folder`` holds a checkpoint the runtime can fine-tune.
 
     Args:

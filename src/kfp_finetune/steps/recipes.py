@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from kfp_finetune.config.runtimes import Runtime
+from kfp_finetune.config.runtimes import RuntimeSpec
 from kfp_finetune.config.types import LoraConfig
 from kfp_finetune.errors import ConfigError
 
@@ -82,7 +82,7 @@ def _available_configs() -> dict[str, str]:
     return {c.name: r.name for r in module.get_all_recipes() for c in r.configs}
 
 
-def select_recipe(runtime: Runtime, cfg: RecipeInputs) -> RecipeChoice:
+def select_recipe(runtime: RuntimeSpec, cfg: RecipeInputs) -> RecipeChoice:
     """Choose recipe and base config by GPU count and PEFT settings (table above).
 
     Raises:

@@ -13,14 +13,14 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from kfp_finetune.config.runtimes import Runtime
+from kfp_finetune.config.runtimes import RuntimeSpec
 from kfp_finetune.errors import ModelError
 from kfp_finetune.storage.credentials import redact
 
 _EMBEDDING_NAMES = ("model.embed_tokens.weight", "tok_embeddings.weight")
 
 
-def load_tokenizer(folder: Path, runtime: Runtime) -> Any:
+def load_tokenizer(folder: Path, runtime: RuntimeSpec) -> Any:
     """Build the runtime's torchtune tokenizer from ``folder`` (the fine-tune step's files).
 
     Raises:
@@ -74,7 +74,7 @@ def embedding_rows(folder: Path, weights: list[str]) -> tuple[str, int] | None:
     return None
 
 
-def check_tokenizer_fits(folder: Path, runtime: Runtime, cfg: dict[str, Any],
+def check_tokenizer_fits(folder: Path, runtime: RuntimeSpec, cfg: dict[str, Any],
                          weights: list[str]) -> None:
     """Check that config.json, the embedding and the tokenizer agree on the vocabulary.
 

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kfp_finetune.config.runtimes import Runtime
+from kfp_finetune.config.runtimes import RuntimeSpec
 from kfp_finetune.config.types import (
     DataType,
     LoraConfig,
     Loss,
     TorchTuneConfig,
     TorchTuneInstructDataset,
+    normalize_config,
 )
 from kfp_finetune.errors import ConfigError
 from kfp_finetune.steps.dataset_plan import DatasetPlan, plan_dataset
@@ -75,7 +76,7 @@ class ResolvedConfig:
         return data
 
 
-def resolve(runtime: Runtime, config: TorchTuneConfig,
+def resolve(runtime: RuntimeSpec, config: TorchTuneConfig,
             gpu_memory_gib: float | None = None) -> ResolvedConfig:
     """Fill the unset fields of ``config`` with the runtime's defaults.
 
@@ -93,6 +94,7 @@ def resolve(runtime: Runtime, config: TorchTuneConfig,
         ConfigError: The combination cannot run (QLoRA on CPU, packing without a length, a
             GPU count torchtune has no config for).
     """
+    config = normalize_config(config)  # the SDK's TorchTuneConfig checks nothing itself
     gpus = runtime.default_gpus if config.gpus is None else config.gpus
     speed = {**runtime.defaults, **(runtime.gpu_defaults if gpus > 0 else {}),
              **memory_defaults(runtime, gpus, gpu_memory_gib, config.peft_config is not None)}
@@ -130,7 +132,7 @@ def resolve(runtime: Runtime, config: TorchTuneConfig,
 
 
 def _model_overrides(
-    runtime: Runtime, peft: LoraConfig | None, model_dir: Path, base_model: dict[str, Any]
+    runtime: RuntimeSpec, peft: LoraConfig | None, model_dir: Path, base_model: dict[str, Any]
 ) -> dict[str, Any]:
     model: dict[str, Any] = dict(base_model)
     if runtime.tiny:
@@ -154,7 +156,8 @@ def _model_overrides(
 
 
 def prepare_training(
-    ws: Workspace, runtime: Runtime, resolved: ResolvedConfig, preprocess: TorchTuneInstructDataset
+    ws: Workspace, runtime: RuntimeSpec, resolved: ResolvedConfig,
+    preprocess: TorchTuneInstructDataset,
 ) -> tuple[RecipeChoice, dict[str, Any]]:
     """Check the workspace's dataset and model and render the torchtune config."""
     choice, conf, _ = prepare_run(ws, runtime, resolved, preprocess)
@@ -162,7 +165,8 @@ def prepare_training(
 
 
 def prepare_run(
-    ws: Workspace, runtime: Runtime, resolved: ResolvedConfig, preprocess: TorchTuneInstructDataset
+    ws: Workspace, runtime: RuntimeSpec, resolved: ResolvedConfig,
+    preprocess: TorchTuneInstructDataset,
 ) -> tuple[RecipeChoice, dict[str, Any], DatasetPlan]:
     """Check the workspace's dataset and model; the recipe, torchtune config and dataset plan.
 
@@ -189,7 +193,7 @@ def prepare_run(
 
 
 def render_config(
-    runtime: Runtime,
+    runtime: RuntimeSpec,
     cfg: ResolvedConfig,
     *,
     model_dir: Path,
@@ -244,7 +248,7 @@ def render_config(
     return choice, apply_overrides(conf, cfg.overrides)
 
 
-def _tokenizer_conf(runtime: Runtime, cfg: ResolvedConfig, model_dir: Path, model: ModelInfo,
+def _tokenizer_conf(runtime: RuntimeSpec, cfg: ResolvedConfig, model_dir: Path, model: ModelInfo,
                     conf: dict[str, Any]) -> dict[str, Any]:
     tokenizer = {
         "_component_": runtime.tokenizer.component,
@@ -278,7 +282,7 @@ def _dataset_conf(dataset: DatasetPlan, cfg: ResolvedConfig, cache_dir: Path) ->
     return dataset_conf
 
 
-def _checkpointer_conf(conf: dict[str, Any], runtime: Runtime, model_dir: Path,
+def _checkpointer_conf(conf: dict[str, Any], runtime: RuntimeSpec, model_dir: Path,
                        model: ModelInfo, output_dir: Path) -> dict[str, Any]:
     checkpointer = dict(conf["checkpointer"])
     checkpointer.update(

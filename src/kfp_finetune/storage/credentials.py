@@ -4,11 +4,11 @@ Tokens never travel as pipeline parameters (KFP stores and shows those). On a cl
 the initializer tasks as environment variables filled from Kubernetes Secrets; locally they are
 read from the same environment variables:
 
-* ``HF_TOKEN``: Hugging Face token, Secret named by the pipeline parameter ``hf_token_secret``
+* ``HF_TOKEN``: Hugging Face token, Secret named by the pipeline parameter ``secret_hf_token``
   (default ``hf-token``, key ``HF_TOKEN``).
 * ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` (and optionally ``AWS_SESSION_TOKEN``,
   ``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``): S3 or MinIO, Secret named by the pipeline
-  parameter ``s3_secret`` (default ``s3-credentials``).
+  parameter ``secret_s3`` (default ``s3-credentials``).
 
 Every message this project builds from a third-party exception goes through :func:`redact`.
 """
@@ -108,7 +108,7 @@ def redact(text: Any, extra: tuple[str, ...] = ()) -> str:
     return redact_uri(out)
 
 
-def check_secret_name(name: str, parameter: str = "hf_token_secret") -> str:
+def check_secret_name(name: str, parameter: str = "secret_hf_token") -> str:
     """Check that ``name`` is a valid Kubernetes Secret name.
 
     Raises:
@@ -139,7 +139,7 @@ def hf_secret_command(secret_name: str = DEFAULT_HF_SECRET, namespace: str | Non
 
 def s3_secret_command(secret_name: str = DEFAULT_S3_SECRET, namespace: str | None = None) -> str:
     """The ``kubectl`` command that stores S3 keys (from shell variables) as the Secret."""
-    check_secret_name(secret_name, "s3_secret")
+    check_secret_name(secret_name, "secret_s3")
     ns = f" -n {shlex.quote(namespace)}" if namespace else ""
     literals = " ".join(
         f'--from-literal={key}="${key}"'
@@ -158,7 +158,7 @@ def access_token_guidance(
 
     Args:
         owner: The class that received the token, named in the message.
-        secret_name: The Secret the pipeline reads (its ``hf_token_secret`` parameter).
+        secret_name: The Secret the pipeline reads (its ``secret_hf_token`` parameter).
         namespace: The Kubeflow namespace, when known.
 
     Returns:
@@ -170,7 +170,7 @@ def access_token_guidance(
         f"`export HF_TOKEN=<token>; {hf_secret_command(secret_name, namespace)}` (or "
         "kfp_finetune.storage.credentials.create_token_secret(token, "
         f"{secret_name!r}, namespace)) — and run the pipeline with "
-        f"hf_token_secret={secret_name!r}. Local runs read HF_TOKEN from the environment."
+        f"secret_hf_token={secret_name!r}. Local runs read HF_TOKEN from the environment."
     )
 
 
@@ -225,7 +225,7 @@ def create_token_secret(
 
     Args:
         token: The token; sent only to the Kubernetes API server.
-        secret_name: Secret name (the pipeline's ``hf_token_secret`` parameter).
+        secret_name: Secret name (the pipeline's ``secret_hf_token`` parameter).
         namespace: Namespace the pipeline runs in.
         key: Key in the Secret (``HF_TOKEN``).
         replace: Overwrite an existing Secret of that name.

@@ -117,7 +117,7 @@ class HfBackend:
 
         where = self.uri.describe()
         secret = (
-            f"create the Secret named by the pipeline parameter hf_token_secret (default "
+            f"create the Secret named by the pipeline parameter secret_hf_token (default "
             f"{DEFAULT_HF_SECRET!r}, key HF_TOKEN): `{hf_secret_command()}`; locally: "
             "export HF_TOKEN=<token>"
         )

@@ -88,7 +88,7 @@ class S3Backend:
 
         where = self.uri.describe()
         secret = (
-            f"store the keys in the Secret named by the pipeline parameter s3_secret (default "
+            f"store the keys in the Secret named by the pipeline parameter secret_s3 (default "
             f"{DEFAULT_S3_SECRET!r}): `{s3_secret_command()}`; locally: export "
             "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL"
         )

@@ -30,7 +30,7 @@ def check_destination(push_to: str) -> Destination | None:
     if dest is not None and dest.scheme == "hf" and not hf_token():
         raise ConfigError(
             f"push_to={dest.raw!r} needs a Hugging Face token with write access: create the "
-            f"Secret (`{hf_secret_command()}`) and name it in hf_token_secret (locally: "
+            f"Secret (`{hf_secret_command()}`) and name it in secret_hf_token (locally: "
             "export HF_TOKEN)."
         )
     return dest

@@ -301,8 +301,9 @@ def parse_destination(push_to: str) -> Destination | None:
     if redact_uri(text) != text:
         raise ConfigError(
             f"push_to={redact_uri(text)!r} embeds credentials; never put secrets in a URI. "
-            "Store them in the Kubernetes Secret named by hf_token_secret (HF_TOKEN) or "
-            "s3_secret (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and remove them from push_to."
+            "Store them in the Kubernetes Secret named by secret_hf_token (HF_TOKEN) or "
+            "secret_s3 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and remove them from "
+            "export_push_to."
         )
     if text.startswith("hf://"):
         uri = _as_source(text)

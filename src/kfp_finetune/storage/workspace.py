@@ -257,8 +257,8 @@ def check_free_space(path: str | Path, needed: int, what: str) -> None:
         raise WorkspaceError(
             f"not enough space for {what} in {str(path)!r}: {_human(needed)} needed, "
             f"{_human(available)} available. Free space on the workspace volume or make it "
-            "larger (pipeline parameter pvc_size; locally: another --workspace), then re-run; "
-            "nothing was marked complete."
+            "larger (pipeline parameter workspace_pvc_size; locally: another --workspace), then "
+            "re-run; nothing was marked complete."
         )
 
 
@@ -281,8 +281,8 @@ def disk_error(exc: BaseException, path: str | Path, what: str) -> WorkspaceErro
         return WorkspaceError(
             f"no space left on the workspace volume while {what} ({where!r}; "
             f"{available} available). Free space or make the volume larger (pipeline "
-            "parameter pvc_size; locally: another --workspace), then re-run: the unfinished "
-            "output is not marked complete and is replaced."
+            "parameter workspace_pvc_size; locally: another --workspace), then re-run: the "
+            "unfinished output is not marked complete and is replaced."
         )
     if exc.errno in _READ_ONLY:
         return WorkspaceError(

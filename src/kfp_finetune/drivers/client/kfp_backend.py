@@ -4,7 +4,7 @@
 (``kfp_finetune.drivers.submit``),
 returning at once with the job's name, which is the run's display name. Credentials given in
 Python go into a Secret ``<job>-credentials`` created just before the run and named in its
-``hf_token_secret``/``s3_secret`` parameters; ``delete_job`` deletes it with the run and the
+``secret_hf_token``/``secret_s3`` parameters; ``delete_job`` deletes it with the run and the
 run's volume (``kfp-finetune-<run id>``, ``cluster_ops.workspace_pvc_name``: a terminated run
 never reaches its exit task, which would otherwise clean it up). Step states come
 from the run's task details, logs from the step's pod through the Kubernetes API.
@@ -169,8 +169,8 @@ class KfpBackend(PipelineBackend):
     def _prepare(self, runtime: Any, initializer: Any, trainer: Any, export_name: str,
                  name: str) -> tuple[str, dict[str, Any], Credentials]:
         request = to_request(runtime, initializer, trainer, export_name)
-        ops = ops_values({**self.cfg.pipeline_options,
-                          "export_push_to": request.arguments.get("export_push_to", "")})
+        ops = ops_values(self.cfg.pipeline_options,
+                         push_to=request.arguments.get("export_push_to", ""))
         args = {**request.arguments, **ops}
         creds = request.credentials
         if creds.hf:
