@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))  # the test support package
 
-from hub_server import HubServer  # noqa: E402
+from support.hub_server import HubServer  # noqa: E402
 
 
 def make_repo(folder: Path, total_mb: int) -> dict[str, Path]:

@@ -34,7 +34,7 @@ import time
 import traceback
 import warnings
 
-# The pins of pyproject.toml; tests/test_images.py keeps them equal.
+# The pins of pyproject.toml; tests/unit/test_images.py keeps them equal.
 EXPECTED = {"torchtune": "0.6.1", "torchao": "0.15.0"}
 # Lengths of the samples in a packed row; the last one is the padding PackedDataset appends.
 SEQ_LENS = [40, 56, 24, 8]

@@ -22,8 +22,7 @@ from kfp_finetune.errors import (
     TrainingError,
     WorkspaceError,
 )
-
-__version__ = "0.1.0"
+from kfp_finetune.version import __version__ as __version__  # defined once, for every layer
 
 __all__ = [
     "RUNTIMES",
@@ -75,7 +74,7 @@ def get_runtime(name: str) -> Any:
     Raises:
         ConfigError: No runtime has that name; the message lists them.
     """
-    from kfp_finetune.config.types import sdk_runtime
+    from kfp_finetune.config.runtimes import sdk_runtime
 
     return sdk_runtime(name)
 

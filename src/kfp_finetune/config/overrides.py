@@ -100,9 +100,9 @@ def _parse_value(text: str, key: str, raw: str) -> Any:
     except yaml.YAMLError as exc:
         detail = str(exc).strip().splitlines()[0]
         raise ConfigError(
-            f"override {redact(text)!r}: the value of {key!r} is not valid YAML ({detail}); "
-            "quote it as a string (key='text'), or write a number, true/false, [a, b] or "
-            "{k: v}."
+            f"override {redact(text)!r}: the value of {redact(key)!r} is not valid YAML "
+            f"({detail}); quote it as a string (key='text'), or write a number, true/false, "
+            "[a, b] or {k: v}."
         ) from None
     if isinstance(raw, str) and "${" in raw:
         from omegaconf import grammar_parser
@@ -112,7 +112,7 @@ def _parse_value(text: str, key: str, raw: str) -> Any:
             grammar_parser.parse(raw.strip())
         except GrammarParseError:
             raise ConfigError(
-                f"override {redact(text)!r}: the value of {key!r} is a malformed OmegaConf "
+                f"override {redact(text)!r}: the value of {redact(key)!r} is a malformed OmegaConf "
                 "interpolation; write ${section.key} with matching braces, or quote it."
             ) from None
     return value

@@ -198,6 +198,8 @@ PARAMETERS: tuple[Param, ...] = (
           "--gradient-accumulation-steps", aliases=("gradient_accumulation_steps",)),
     Param("train_learning_rate", float, "Learning rate (empty: the torchtune config's).",
           "trainer.learning_rate", None, "--learning-rate", aliases=("learning_rate",)),
+    Param("train_weight_decay", float, "AdamW weight decay, in [0, 1) (empty: the torchtune "
+          "config's).", "trainer.weight_decay", None, "--weight-decay"),
     Param("train_loss", str, "Loss component (torchtune.modules.loss.CEWithChunkedOutputLoss).",
           "trainer.loss", "torchtune.modules.loss.CEWithChunkedOutputLoss", "--loss",
           aliases=("loss",)),

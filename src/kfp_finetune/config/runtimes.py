@@ -361,3 +361,33 @@ def __getattr__(name: str) -> Any:
         )
         return RuntimeSpec
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def sdk_runtime(name: Any) -> Any:
+    """The Kubeflow SDK's ``Runtime`` for one of this project's runtimes.
+
+    This is what ``kfp_finetune.get_runtime`` and ``TrainerClient.get_runtime`` return, and
+    what ``train(runtime=...)`` accepts (as it accepts the name).
+
+    Raises:
+        ConfigError: No runtime has that name.
+    """
+    from kubeflow.common.constants import UNKNOWN
+    from kubeflow.trainer.types import types
+
+    from kfp_finetune.config.images import TRAINER_IMAGE
+
+    rt = get_runtime(name)
+    trainer = types.RuntimeTrainer(
+        trainer_type=types.TrainerType.BUILTIN_TRAINER,
+        framework=types.TORCH_TUNE,
+        image=TRAINER_IMAGE,
+        num_nodes=1,
+        device="gpu" if rt.default_gpus else "cpu",
+        device_count=str(rt.default_gpus) if rt.default_gpus else UNKNOWN,
+    )
+    trainer.set_command(("tune", "run"))
+    return types.Runtime(
+        name=rt.name, trainer=trainer, kind=types.RuntimeKind.CLUSTER_TRAINING_RUNTIME,
+        pretrained_model=rt.model_uri or None,
+    )

@@ -59,7 +59,7 @@ __all__ = [
     "LoraConfig", "Loss", "Runtime", "S3DatasetInitializer", "S3ModelInitializer",
     "SdkTorchTuneConfig", "TorchTuneConfig", "TorchTuneInstructDataset", "check_column_map",
     "check_split_syntax", "coerce_enum", "normalize_config", "normalize_dataset",
-    "normalize_initializer", "normalize_lora", "sdk_runtime",
+    "normalize_initializer", "normalize_lora",
 ]
 
 
@@ -84,6 +84,7 @@ class TorchTuneConfig(SdkTorchTuneConfig):
         resources_per_node: ``{"gpu": N}``: GPUs requested per node, and the process count.
             ``{"gpu": 0}`` trains on CPU.
         learning_rate: Optimizer learning rate. Default: the torchtune config's.
+        weight_decay: AdamW weight decay. Default: the torchtune config's.
         gradient_accumulation_steps: Steps whose gradients are summed before an update.
         max_seq_len: Longest tokenized sample; longer ones are truncated. Needed for packing.
         packed: Pack several samples into each max_seq_len sequence (faster on GPU).
@@ -101,6 +102,7 @@ class TorchTuneConfig(SdkTorchTuneConfig):
     """
 
     learning_rate: float | None = None
+    weight_decay: float | None = None
     gradient_accumulation_steps: int | None = None
     max_seq_len: int | None = None
     packed: bool | None = None
@@ -131,6 +133,8 @@ class TorchTuneConfig(SdkTorchTuneConfig):
             self.resources_per_node = check_resources(self.resources_per_node)
         if self.learning_rate is not None:
             check_number(self.learning_rate, "learning_rate", 0, 1, example="2e-5")
+        if self.weight_decay is not None:
+            check_number(self.weight_decay, "weight_decay", 0, 1, low_open=False, example="0.01")
         for name, minimum in (("gradient_accumulation_steps", 1), ("max_seq_len", 16),
                               ("max_steps_per_epoch", 1), ("seed", 0)):
             if getattr(self, name) is not None:
@@ -184,34 +188,3 @@ def normalize_config(config: Any) -> TorchTuneConfig:
         )
     return TorchTuneConfig(**{f.name: getattr(config, f.name)
                               for f in dataclasses.fields(config) if f.init})
-
-
-def sdk_runtime(name: Any) -> Runtime:
-    """The Kubeflow SDK's ``Runtime`` for one of this project's runtimes.
-
-    This is what ``kfp_finetune.get_runtime`` and ``TrainerClient.get_runtime`` return, and
-    what ``train(runtime=...)`` accepts (as it accepts the name).
-
-    Raises:
-        ConfigError: No runtime has that name.
-    """
-    from kubeflow.common.constants import UNKNOWN
-    from kubeflow.trainer.types import types
-
-    from kfp_finetune.config.images import TRAINER_IMAGE
-    from kfp_finetune.config.runtimes import get_runtime
-
-    rt = get_runtime(name)
-    trainer = types.RuntimeTrainer(
-        trainer_type=types.TrainerType.BUILTIN_TRAINER,
-        framework=types.TORCH_TUNE,
-        image=TRAINER_IMAGE,
-        num_nodes=1,
-        device="gpu" if rt.default_gpus else "cpu",
-        device_count=str(rt.default_gpus) if rt.default_gpus else UNKNOWN,
-    )
-    trainer.set_command(("tune", "run"))
-    return types.Runtime(
-        name=rt.name, trainer=trainer, kind=types.RuntimeKind.CLUSTER_TRAINING_RUNTIME,
-        pretrained_model=rt.model_uri or None,
-    )

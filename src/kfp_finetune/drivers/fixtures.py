@@ -149,8 +149,31 @@ def make_tiny_llama3_2(out: str | Path, seed: int = 0) -> Path:
     )
     _save_weights(hf_sd, out)
     bos, eos, eot = (specials[t] for t in ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"))
+    _write_json(out / "config.json", _llama3_2_config(bos, [eos, eot]))
     _write_json(
-        out / "config.json",
+        out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": [eos, eot]}
+    )
+    (out / "original").mkdir()
+    lines = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256)]
+    (out / "original" / "tokenizer.model").write_text("\n".join(lines) + "\n")
+    _write_hf_tokenizer_json(out / "tokenizer.json", specials)
+    _write_json(
+        out / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<|begin_of_text|>",
+            "eos_token": "<|eot_id|>",
+            "pad_token": "<|finetune_right_pad_id|>",
+            "model_max_length": s["max_position_embeddings"],
+        },
+    )
+    _finish(out)
+    return out
+
+def _llama3_2_config(bos: int, eos: list[int]) -> dict:
+    """config.json of the tiny Llama 3.2 checkpoint (the real family's rope scaling)."""
+    s = TINY_SHAPE
+    return (
         {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -172,30 +195,11 @@ def make_tiny_llama3_2(out: str | Path, seed: int = 0) -> Path:
             "mlp_bias": False,
             "initializer_range": 0.02,
             "bos_token_id": bos,
-            "eos_token_id": [eos, eot],
+            "eos_token_id": eos,
             "torch_dtype": "float32",
             "use_cache": True,
-        },
+        }
     )
-    _write_json(
-        out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": [eos, eot]}
-    )
-    (out / "original").mkdir()
-    lines = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256)]
-    (out / "original" / "tokenizer.model").write_text("\n".join(lines) + "\n")
-    _write_hf_tokenizer_json(out / "tokenizer.json", specials)
-    _write_json(
-        out / "tokenizer_config.json",
-        {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": "<|begin_of_text|>",
-            "eos_token": "<|eot_id|>",
-            "pad_token": "<|finetune_right_pad_id|>",
-            "model_max_length": s["max_position_embeddings"],
-        },
-    )
-    _finish(out)
-    return out
 
 
 def make_tiny_qwen2_5(out: str | Path, seed: int = 0) -> Path:

@@ -105,8 +105,8 @@ def store_fingerprint(ws: Workspace, conf: dict[str, Any]) -> str:
     The data and model enter by content (the initializers' sha256 records, re-hashed only
     where a file's stat changed), as the fine-tune step's own inputs fingerprint does.
     """
-    from kfp_finetune import __version__
     from kfp_finetune.storage.content import folder_digest
+    from kfp_finetune.version import __version__
 
     parts = {"format": FORMAT, "kfp_finetune": __version__, "torchtune": version("torchtune"),
              "tokenizer": conf.get("tokenizer"), "dataset": conf.get("dataset"),

@@ -53,6 +53,7 @@ class ResolvedConfig:
     gpus: int
     peft: LoraConfig | None
     learning_rate: float | None = None
+    weight_decay: float | None = None
     gradient_accumulation_steps: int | None = None
     max_seq_len: int | None = None
     packed: bool = False
@@ -111,6 +112,7 @@ def resolve(runtime: RuntimeSpec, config: TorchTuneConfig,
         gpus=gpus,
         peft=config.peft_config,
         learning_rate=config.learning_rate or runtime.learning_rate,
+        weight_decay=config.weight_decay,
         gradient_accumulation_steps=pick("gradient_accumulation_steps"),
         max_seq_len=pick("max_seq_len"),
         packed=bool(pick("packed", False)),
@@ -308,6 +310,8 @@ def _optimizer_conf(conf: dict[str, Any], cfg: ResolvedConfig, choice: RecipeCho
         optimizer["fused"] = True
     if cfg.learning_rate is not None:
         optimizer["lr"] = cfg.learning_rate
+    if cfg.weight_decay is not None:
+        optimizer["weight_decay"] = cfg.weight_decay
     return optimizer
 
 

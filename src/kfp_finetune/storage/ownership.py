@@ -110,7 +110,7 @@ def refuse_foreign(root: Path) -> None:
 
 def marker_content() -> dict[str, object]:
     """What the workspace marker records."""
-    from kfp_finetune import __version__
+    from kfp_finetune.version import __version__
 
     return {"created_by": "kfp-finetune", "version": __version__, "layout": 1}
 

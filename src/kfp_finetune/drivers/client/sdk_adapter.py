@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kfp_finetune.config.runtimes import runtime_name as runtime_name
+from kfp_finetune.config.runtimes import sdk_runtime as sdk_runtime
 from kfp_finetune.config.types import (
     BuiltinTrainer,
     Initializer,
@@ -22,7 +23,6 @@ from kfp_finetune.config.types import (
     normalize_config,
     normalize_initializer,
 )
-from kfp_finetune.config.types import sdk_runtime as sdk_runtime
 from kfp_finetune.errors import ConfigError
 
 # S3 initializer field -> the environment variable (Secret key) the pipeline's tasks read.

@@ -19,8 +19,6 @@ import threading
 import time
 
 import pytest
-from k8s_api_server import FakeK8sApi, Pod
-from kfp_api_server import LiveKfpApi
 from kubeflow.trainer import (
     BuiltinTrainer,
     CustomTrainer,
@@ -34,6 +32,8 @@ from kubeflow.trainer import (
 )
 from kubeflow.trainer.constants import constants
 from kubernetes.client import Configuration
+from support.k8s_api_server import FakeK8sApi, Pod
+from support.kfp_api_server import LiveKfpApi
 
 from kfp_finetune import ConfigError, KfpBackendConfig, TrainerClient, get_runtime
 from kfp_finetune.drivers.client import TrainJobFailed
@@ -92,7 +92,7 @@ def test_train_returns_at_once_with_a_run_and_a_per_run_secret(cluster):
     assert params["secret_hf_token"] == f"{name}-credentials"
     assert "secret_s3" not in params  # the pipeline's default Secret name stays
     assert params["model_uri"] == "hf://meta-llama/Llama-3.2-1B-Instruct"
-    assert params["gpus_per_node"] == 1 and params["source"] == "parquet"
+    assert params["train_gpus_per_node"] == 1 and params["data_format"] == "parquet"
     (post,) = k8s_api.find("POST", rf"/api/v1/namespaces/{NS}/secrets")
     secret = json.loads(post.body)
     assert secret["metadata"]["name"] == f"{name}-credentials"
@@ -249,7 +249,7 @@ def test_s3_initializers_put_keys_endpoint_and_region_in_the_secret(cluster):
             access_key_id="minio", secret_access_key=S3_SENTINEL, region="eu-west-1")))
     params = run_of(kfp_api, name)["runtime_config"]["parameters"]
     assert params["secret_s3"] == f"{name}-credentials" and "secret_hf_token" not in params
-    assert params["dataset_uri"] == "s3://data/alpaca"
+    assert params["data_uri"] == "s3://data/alpaca"
     (secret,) = k8s_api.secrets.values()
     assert secret["stringData"] == {
         "AWS_ACCESS_KEY_ID": "minio", "AWS_SECRET_ACCESS_KEY": S3_SENTINEL,

@@ -12,10 +12,10 @@ import json
 import os
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import pytest
+from support.faultkit import file_digests, max_abs_diff
 
 from kfp_finetune import (
     HuggingFaceDatasetInitializer,
@@ -34,9 +34,6 @@ from kfp_finetune.steps.fine_tune import run_fine_tune
 from kfp_finetune.steps.model_initializer import initialize_model
 from kfp_finetune.storage.ownership import WORKSPACE_MARKER, owned, remove_owned
 from kfp_finetune.storage.workspace import MANIFEST, Workspace, install, read_manifest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from faultkit import file_digests, max_abs_diff  # noqa: E402
 
 RUNTIME = "torchtune-llama3.2-tiny"
 CONFIG = TorchTuneConfig(epochs=1, batch_size=16)  # 64 rows: 4 optimizer steps

@@ -15,7 +15,7 @@ from kfp_finetune.errors import ConfigError
 from kfp_finetune.steps.report import loss_curve_html
 from kfp_finetune.steps.training_log import summarize
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPILED = ROOT / "compiled"
 RUNTIME = "torchtune-llama3.2-1b"
 

@@ -12,24 +12,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
-from kfp_finetune.errors import WorkspaceError
-from kfp_finetune.steps.dataset_initializer import initialize_dataset
-from kfp_finetune.steps.export_model import export_model, latest_export
-from kfp_finetune.steps.fine_tune import run_fine_tune
-from kfp_finetune.steps.model_initializer import initialize_model
-from kfp_finetune.steps.training_log import read_metrics
-from kfp_finetune.storage.workspace import MANIFEST, Workspace, read_manifest
-
-sys.path.insert(0, str(Path(__file__).parent))
-import faultkit  # noqa: E402
-from faultkit import (  # noqa: E402
+from support import faultkit
+from support.faultkit import (
     RUNTIME,
     file_digests,
     kill,
@@ -39,8 +27,17 @@ from faultkit import (  # noqa: E402
     start_python,
     wait_until,
 )
-from hub_server import HubServer  # noqa: E402
-from test_initializers_hf import model_files  # noqa: E402
+from support.hub_files import model_files
+from support.hub_server import HubServer
+
+from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
+from kfp_finetune.errors import WorkspaceError
+from kfp_finetune.steps.dataset_initializer import initialize_dataset
+from kfp_finetune.steps.export_model import export_model, latest_export
+from kfp_finetune.steps.fine_tune import run_fine_tune
+from kfp_finetune.steps.model_initializer import initialize_model
+from kfp_finetune.steps.training_log import read_metrics
+from kfp_finetune.storage.workspace import MANIFEST, Workspace, read_manifest
 
 pytestmark = pytest.mark.slow
 

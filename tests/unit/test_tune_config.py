@@ -4,6 +4,7 @@ import pytest
 
 from kfp_finetune.config.runtimes import get_runtime
 from kfp_finetune.config.types import FIXED_KEYS, LoraConfig, TorchTuneConfig
+from kfp_finetune.errors import ConfigError
 from kfp_finetune.steps.dataset_plan import ALPACA_BUILDER, INSTRUCT_BUILDER, DatasetPlan
 from kfp_finetune.steps.model_check import ModelInfo
 from kfp_finetune.steps.tune_config import render_config, resolve
@@ -184,7 +185,7 @@ def test_cpu_runs_ignore_the_card_rules():
 def test_readme_runtime_table_states_each_memory_threshold():
     from kfp_finetune.config.runtimes import RUNTIMES
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("## Runtimes", 1)[1].split("\n## ", 1)[0]
     for runtime in RUNTIMES.values():
         for rule in runtime.memory_rules:
@@ -235,3 +236,21 @@ def test_card_memory_comes_from_nvidia_smi(tmp_path, monkeypatch):
     fake.write_text("#!/bin/sh\nprintf '143771\\n81559\\n'\n")
     fake.chmod(0o755)
     assert detect_gpu_memory_gib() == 79.6
+
+
+def test_weight_decay_from_the_run_form_reaches_the_optimizer():
+    # One setting end to end: the table row (run form, CLI), the config field, the tune key.
+    from kfp_finetune.drivers.cli import build_parser
+    from kfp_finetune.drivers.cli_options import values_from_args
+    from kfp_finetune.steps.check_run import check_run
+
+    args = build_parser().parse_args(["run", "--local", "--runtime", "torchtune-llama3.2-1b",
+                                      "--dataset-uri", "hf://org/data", "--weight-decay", "0.05"])
+    run = check_run("torchtune-llama3.2-1b", values_from_args(args, cluster=False))
+    assert run.trainer.weight_decay == 0.05
+    _, conf = render("torchtune-llama3.2-1b", run.trainer)
+    assert conf["optimizer"]["weight_decay"] == 0.05
+    _, default = render("torchtune-llama3.2-1b")
+    assert default["optimizer"].get("weight_decay") != 0.05  # unset: the torchtune config's
+    with pytest.raises(ConfigError, match=r"weight_decay=1.5 must be a number in \[0, 1\)"):
+        TorchTuneConfig(weight_decay=1.5)

@@ -1,7 +1,8 @@
 """The KFP backend's rules for a compiled pipeline, as plain functions over the YAML.
 
 Each rule mirrors backend code of kubeflow/pipelines at release 2.17.0 (cited beside it) and
-returns a list of problems (empty: the YAML obeys it). ``tests/test_backend_conformance.py``
+returns a list of problems (empty: the YAML obeys it).
+``tests/reliability/test_backend_conformance.py``
 holds every compiled YAML to them and proves that each one fails on a YAML that breaks it.
 """
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from support import faultkit
+from support.faultkit import RUNTIME, file_digests, kill, start_python, wait_until
 
 from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.drivers.cli import main
@@ -16,10 +17,6 @@ from kfp_finetune.steps.fine_tune import LOCK_FILE, RUN_FILE, run_fine_tune
 from kfp_finetune.steps.model_initializer import initialize_model
 from kfp_finetune.storage.workspace import LOCK_FILE as WS_LOCK
 from kfp_finetune.storage.workspace import workspace_lock
-
-sys.path.insert(0, str(Path(__file__).parent))
-import faultkit  # noqa: E402
-from faultkit import RUNTIME, file_digests, kill, start_python, wait_until  # noqa: E402
 
 HOLD_LOCK = """
 import sys, time

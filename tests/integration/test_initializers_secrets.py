@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.hub_files import model_files, parquet_bytes
+from support.hub_server import HubServer
 
 from kfp_finetune.errors import ConfigError, SourceError
 from kfp_finetune.storage import credentials
-
-sys.path.insert(0, str(Path(__file__).parent))
-from hub_server import HubServer  # noqa: E402
-from test_initializers_hf import model_files, parquet_bytes  # noqa: E402
 
 TOKEN = "hf_SecretTokenForLeakTests000000000000001"
 WRONG = "hf_WrongTokenThatMustNotLeakEither0000002"
@@ -60,16 +57,15 @@ def test_token_never_appears_in_logs_outputs_metadata_or_files(
     caplog.set_level(logging.DEBUG)
     ws = tmp_path / "ws"
     dm, mm = _metrics(tmp_path / "dm"), _metrics(tmp_path / "mm")
-    data_out = dataset_initializer.python_func(
-        runtime="torchtune-llama3.2-tiny", dataset_uri="hf://org/private-data/data",
-        metrics=dm, workspace_path=str(ws))
-    model_out = model_initializer.python_func(
-        runtime="torchtune-llama3.2-tiny", model_uri="hf://org/private-llama",
-        metrics=mm, workspace_path=str(ws))
+    from kfp_finetune.config.run_config import RunConfig
+
+    config = RunConfig(runtime="torchtune-llama3.2-tiny", dataset_uri="hf://org/private-data/data",
+                       model_uri="hf://org/private-llama").to_dict()
+    data_out = dataset_initializer.python_func(config=config, metrics=dm, workspace_path=str(ws))
+    model_out = model_initializer.python_func(config=config, metrics=mm, workspace_path=str(ws))
     # a re-run (skip path) logs too
     dataset_initializer.python_func(
-        runtime="torchtune-llama3.2-tiny", dataset_uri="hf://org/private-data/data",
-        metrics=_metrics(tmp_path / "dm2"), workspace_path=str(ws))
+        config=config, metrics=_metrics(tmp_path / "dm2"), workspace_path=str(ws))
     assert data_out[0] == 16 and data_out[3] == 1 and len(data_out[6]) == 40  # rows, files, sha
     assert model_out[2] == 1 and model_out[7] is False
     assert dm.metadata["files"] == 1 and dm.metadata["rows"] == 16
@@ -104,7 +100,7 @@ def test_compiled_yaml_holds_no_token(tmp_path: Path) -> None:
     path = compile_runtime("torchtune-llama3.2-tiny", tmp_path)
     text = path.read_text()
     assert TOKEN not in text
-    assert "hf_token_secret" in text  # the Secret's name is the only parameter
+    assert "secret_hf_token" in text  # the Secret's name is the only parameter
 
 
 def test_access_token_guidance_says_how_to_store_it() -> None:
@@ -115,7 +111,7 @@ def test_access_token_guidance_says_how_to_store_it() -> None:
     assert message is not None and TOKEN not in message
     assert 'kubectl create secret generic my-hf -n team-a --from-literal=HF_TOKEN="$HF_TOKEN"' \
         in message
-    assert "hf_token_secret='my-hf'" in message
+    assert "secret_hf_token='my-hf'" in message
     assert [str(w.message) for w in caught] == [message]
     assert credentials.warn_access_token(None) is None
 

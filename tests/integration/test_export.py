@@ -33,6 +33,8 @@ from kfp_finetune.storage.uris import parse_destination
 from kfp_finetune.storage.workspace import MANIFEST, Workspace
 
 RUNTIME = "torchtune-llama3.2-tiny"
+# Every test here reads a workspace the module fixtures trained (two real tune runs).
+pytestmark = pytest.mark.slow
 ATOL = 1e-5
 PROMPT = "Name the capital. Italy"
 
@@ -328,8 +330,11 @@ def test_model_artifact_holds_metadata_not_weights_unless_asked(full_ws, tmp_pat
     from kfp_finetune.components.export_model import export_model as component
 
     art = dsl.Model(name="model", uri=str(tmp_path / "meta"), metadata={})
+    from kfp_finetune.config.run_config import RunConfig
+
+    config = RunConfig(runtime=RUNTIME, dataset_uri="/data").to_dict()
     path, elsewhere = component.python_func(
-        runtime=RUNTIME, model=art, workspace_path=str(full_ws), run_id="art-1")
+        config=config, model=art, workspace_path=str(full_ws), run_id="art-1")
     assert elsewhere is False and Path(path).is_dir()
     described = json.loads((tmp_path / "meta").read_text())
     assert described["path"] == path and described["base_model"].startswith("file://")
@@ -337,8 +342,9 @@ def test_model_artifact_holds_metadata_not_weights_unless_asked(full_ws, tmp_pat
     assert "final_loss" in art.metadata and "files" in art.metadata
 
     art2 = dsl.Model(name="model", uri=str(tmp_path / "copy"), metadata={})
-    component.python_func(runtime=RUNTIME, model=art2, workspace_path=str(full_ws),
-                          run_id="art-2", copy_to_artifact=True)
+    config = RunConfig(runtime=RUNTIME, dataset_uri="/data", copy_to_artifact=True).to_dict()
+    component.python_func(config=config, model=art2, workspace_path=str(full_ws),
+                          run_id="art-2")
     assert (tmp_path / "copy" / "config.json").is_file()
     assert _shards(tmp_path / "copy") and art2.metadata["weights_in_artifact"] is True
 

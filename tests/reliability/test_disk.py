@@ -13,10 +13,11 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from support import faultkit
+from support.faultkit import RUNTIME, read_only_view, resize_tmpfs, tmpfs, used_bytes
 
 from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.drivers.cli import main
@@ -36,10 +37,6 @@ from kfp_finetune.storage.workspace import (
     read_manifest,
     tree_bytes,
 )
-
-sys.path.insert(0, str(Path(__file__).parent))
-import faultkit  # noqa: E402
-from faultkit import RUNTIME, read_only_view, resize_tmpfs, tmpfs, used_bytes  # noqa: E402
 
 CONFIG = TorchTuneConfig(epochs=2, max_steps_per_epoch=2)
 MiB = 2**20
@@ -103,8 +100,8 @@ def test_disk_filling_up_mid_download_is_a_workspace_error(
 def test_hub_download_on_a_full_disk_is_not_retried_and_names_the_folder(
     tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from hub_server import HubServer
-    from test_initializers_hf import model_files
+    from support.hub_files import model_files
+    from support.hub_server import HubServer
 
     monkeypatch.setattr(storage, "check_free_space", lambda *a, **k: None)
     with HubServer() as hub, tmpfs(tmp_path / "vol", 256 * 1024) as vol:

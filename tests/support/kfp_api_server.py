@@ -212,7 +212,7 @@ class FakeKfpApi:
 
 
 # ---------------------------------------------------------------------------------------------
-# Runs as the TrainerClient's cluster backend sees them (tests/test_trainer_client_kfp.py):
+# Runs as the TrainerClient's cluster backend sees them (test_trainer_client_kfp.py):
 # listing and reading runs with their task details as stored (no scripted states), terminating
 # and deleting runs, reading a pipeline, listing and deleting recurring runs.
 

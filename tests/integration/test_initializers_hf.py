@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -12,52 +11,20 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from support.hub_files import big_parquet_bytes, model_files, parquet_bytes
+from support.hub_server import HubServer
 
 from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
-from kfp_finetune.drivers.fixtures import alpaca_rows
 from kfp_finetune.errors import ModelError, SourceError
 from kfp_finetune.steps.dataset_initializer import initialize_dataset
 from kfp_finetune.steps.model_initializer import initialize_model
 from kfp_finetune.storage.base import RetryPolicy
 from kfp_finetune.storage.workspace import read_manifest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from hub_server import HubServer  # noqa: E402
-
 TOKEN = "hf_kfpFinetuneTestTokenDoNotLeak0123456789"
 FAST = RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.1)
 PARQUET = "train-00000-of-00001.parquet"
-
-
-def parquet_bytes(rows: int, seed: int = 0) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(alpaca_rows(rows, seed)), buf)
-    return buf.getvalue()
-
-
-def big_parquet_bytes(rows: int) -> bytes:
-    """~4 KiB of incompressible text per row, so the file spans several client chunks."""
-    import base64
-    import random
-
-    rng = random.Random(7)
-    data = alpaca_rows(rows, 1)
-    for row in data:
-        row["output"] += " " + base64.b64encode(rng.randbytes(3000)).decode()
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(data), buf)
-    return buf.getvalue()
-
-
-def model_files(folder: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes()
-        for p in folder.rglob("*")
-        if p.is_file() and not p.name.startswith(".")
-    }
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +159,7 @@ def test_gated_repo_without_token_names_the_secret(tmp_path: Path) -> None:
     message = str(err.value)
     assert "hf://org/gated-data/data" in message and "gated" in message
     assert "401" in message and "no HF_TOKEN was set" in message
-    assert "kubectl create secret generic hf-token" in message and "hf_token_secret" in message
+    assert "kubectl create secret generic hf-token" in message and "secret_hf_token" in message
     assert read_manifest(tmp_path / "dataset") is None
 
 

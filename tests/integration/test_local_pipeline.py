@@ -102,7 +102,7 @@ def test_missing_column_is_reported_by_the_dataset_step(tiny, tmp_path, capfd):
     text = captured.out + captured.err
     assert "DatasetError" in text and "output->answer" in text
     assert "dataset-initializer" in text
-    # The step's one line, not a traceback, ends the run (tests/test_step_errors.py has more).
+    # The step's one line, not a traceback, ends the run (test_step_errors.py has more).
     assert captured.err.strip().splitlines()[-1].startswith("kfp-finetune: error: DatasetError")
     assert "Traceback" not in text
     assert not (ws / "output").exists(), "the fine-tune step must not have started"

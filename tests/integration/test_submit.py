@@ -7,7 +7,7 @@ import socket
 
 import pytest
 import yaml
-from kfp_api_server import FakeKfpApi
+from support.kfp_api_server import FakeKfpApi
 
 from kfp_finetune.drivers.cli import main
 from kfp_finetune.drivers.submit import normalize_cron

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from backend_rules import (
+from kfp import compiler, dsl, kubernetes
+from support.backend_rules import (
     features_used,
     resources_from_strings,
     secret_names,
@@ -24,7 +25,6 @@ from backend_rules import (
     strict_parse,
     unlisted_features,
 )
-from kfp import compiler, dsl, kubernetes
 
 from kfp_finetune.config.runtimes import RUNTIMES
 from kfp_finetune.drivers.backend import FEATURES, MIN_BACKEND, check_backend_version

@@ -119,8 +119,13 @@ def test_the_fine_tune_step_refuses_at_once_without_a_gpu(tmp_path: Path) -> Non
 
     start = time.monotonic()
     with pytest.raises(TrainingError) as err:
+        from kfp_finetune.config.run_config import RunConfig
+        from kfp_finetune.config.types import TorchTuneConfig
+
+        config = RunConfig(runtime=TINY, dataset_uri="/data",
+                           trainer=TorchTuneConfig(resources_per_node={"gpu": 1})).to_dict()
         fine_tune.python_func(
-            runtime=TINY, workspace_path=str(tmp_path / "ws"), gpus_per_node=1,
+            config=config, workspace_path=str(tmp_path / "ws"),
             metrics=dsl.Metrics(name="m", uri=str(tmp_path / "m"), metadata={}),
             loss_curve=dsl.HTML(name="c", uri=str(tmp_path / "c"), metadata={}),
         )

@@ -17,7 +17,7 @@ import yaml
 
 from kfp_finetune.config import images
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "publish_images.sh"
 WORKFLOW = ROOT / ".github" / "workflows" / "release.yml"
 REGISTRY = "registry.example.com:5000/ml"
@@ -158,10 +158,11 @@ def test_release_workflow_publishes_both_images_on_a_version_tag():
         "docker/login-action@"))
     assert login_at < publish_at and steps[login_at]["with"]["registry"] == "ghcr.io"
     assert any('"${GITHUB_REF_NAME#v}" != "$version"' in r for r in runs[:publish_at])
-    assert any("tests/test_images.py" in r for r in runs[:publish_at])
+    assert any("tests/unit/test_images.py" in r and "tests/integration/test_images_smoke.py" in r
+               for r in runs[:publish_at])
     upload = next(s for s in steps if s.get("uses", "").startswith("actions/upload-artifact@"))
     assert upload["with"]["path"] == "release-compiled/"
     # The script builds every Dockerfile (tested above) and each build runs the smoke test
-    # (tests/test_images.py::test_each_build_runs_the_smoke_script_on_its_own_torch).
+    # (tests/unit/test_images.py::test_each_build_runs_the_smoke_script_on_its_own_torch).
     for dockerfile in images.DOCKERFILES.values():
         assert "images/smoke.py" in (ROOT / dockerfile).read_text()

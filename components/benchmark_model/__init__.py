@@ -1,0 +1,1 @@
+from .component import benchmark_model  # noqa: F401
