@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kfp_finetune.config.types import check_split_syntax
+from kfp_finetune.config.validation import check_split_syntax
 from kfp_finetune.errors import ConfigError
 
 _PARTS = re.compile(r"^\s*([A-Za-z_][\w.-]*)\s*(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?\s*$")

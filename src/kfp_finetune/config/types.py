@@ -37,6 +37,7 @@ from kubeflow.trainer import TorchTuneConfig as SdkTorchTuneConfig
 
 from kfp_finetune.config.overrides import FIXED_KEYS as FIXED_KEYS
 from kfp_finetune.config.overrides import check_overrides
+from kfp_finetune.config.splits import check_eval_split
 from kfp_finetune.config.validation import (
     LORA_RANK_MAX,
     SEED_MAX,
@@ -148,8 +149,6 @@ class TorchTuneConfig(SdkTorchTuneConfig):
         for name in ("packed", "activation_checkpointing", "compile"):
             check_bool(getattr(self, name), name)
         self.overrides = check_overrides(self.overrides)
-        from kfp_finetune.config.splits import check_eval_split  # splits imports this module
-
         self.eval_split = check_eval_split(self.dataset_preprocess_config.split, self.eval_split)
 
     @property
