@@ -1,10 +1,14 @@
-"""A stand-in for the Kubernetes API on 127.0.0.1: pods and their logs, events, Secrets, PVCs.
+"""A stand-in for the Kubernetes API on 127.0.0.1: pods and their logs, events, Secrets, PVCs,
+and namespaced custom objects (get, create, replace).
 
 It answers the core/v1 REST paths that ``kubernetes.client.CoreV1Api`` calls for listing pods by
 label, reading a container's log (``follow=true`` streams it with chunked encoding until the
 test marks the pod finished, as the API server does when the container ends), listing events by
-``involvedObject.name``, and creating/deleting Secrets and deleting PVCs. It records every call
-with its body. Nothing runs.
+``involvedObject.name``, creating/deleting Secrets, deleting PVCs, and the
+``kubernetes.client.CustomObjectsApi`` calls for namespaced custom objects (GET, POST: 409 when
+the name exists, PUT: 409 unless ``metadata.resourceVersion`` is the stored one, as the API
+server's optimistic concurrency does; ``crds`` lists the served group/version/plural, 404
+otherwise). It records every call with its body. Nothing runs.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 NS = r"/api/v1/namespaces/(?P<ns>[^/]+)"
+CUSTOM = r"/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)"
 
 
 @dataclass
@@ -59,6 +64,10 @@ class FakeK8sApi:
         self.pods: dict[str, Pod] = {}
         self.secrets: dict[tuple[str, str], dict[str, Any]] = {}
         self.pvcs: set[tuple[str, str]] = set()
+        self.crds: set[tuple[str, str, str]] = {("serving.kserve.io", "v1beta1",
+                                                 "inferenceservices")}
+        self.objects: dict[tuple[str, ...], dict[str, Any]] = {}
+        self.deny = False  # answer 403 to custom-object calls
         self.changed = threading.Condition()
         api = self
 
@@ -97,6 +106,9 @@ class FakeK8sApi:
 
             def do_DELETE(self) -> None:  # noqa: N802
                 self._handle("DELETE")
+
+            def do_PUT(self) -> None:  # noqa: N802
+                self._handle("PUT")
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
@@ -172,7 +184,37 @@ class FakeK8sApi:
                 handler.wfile.flush()
                 return
 
+    def _custom(self, call: Call, m: re.Match[str]) -> tuple[int, Any]:
+        status = {"kind": "Status", "apiVersion": "v1", "status": "Failure"}
+        if (m["group"], m["version"], m["plural"]) not in self.crds:
+            return 404, dict(status, code=404, reason="NotFound")
+        if self.deny:
+            return 403, dict(status, code=403, reason="Forbidden")
+        base = (m["group"], m["version"], m["ns"], m["plural"])
+        name = m["name"]
+        if call.method == "GET" and name:
+            found = self.objects.get((*base, name))
+            return (200, found) if found else (404, dict(status, code=404, reason="NotFound"))
+        body = json.loads(call.body)
+        if call.method == "POST" and not name:
+            key = (*base, body["metadata"]["name"])
+            if key in self.objects:
+                return 409, dict(status, code=409, reason="AlreadyExists")
+            body["metadata"].update(namespace=m["ns"], resourceVersion="1")
+            self.objects[key] = body
+            return 201, body
+        if call.method == "PUT" and name and (*base, name) in self.objects:
+            held = self.objects[(*base, name)]["metadata"]["resourceVersion"]
+            if body["metadata"].get("resourceVersion") != held:
+                return 409, dict(status, code=409, reason="Conflict")
+            body["metadata"].update(namespace=m["ns"], resourceVersion=str(int(held) + 1))
+            self.objects[(*base, name)] = body
+            return 200, body
+        return 404, dict(status, code=404, reason="NotFound")
+
     def route(self, call: Call) -> tuple[int, Any]:  # noqa: C901 - one branch per endpoint
+        if m := re.fullmatch(CUSTOM + r"(/(?P<name>[^/]+))?", call.path):
+            return self._custom(call, m)
         not_found = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
                      "reason": "NotFound"}
         ok = {"kind": "Status", "apiVersion": "v1", "status": "Success"}

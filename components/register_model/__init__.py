@@ -1,0 +1,1 @@
+from .component import register_model  # noqa: F401

@@ -1,0 +1,1 @@
+from .component import serve_model  # noqa: F401
