@@ -34,15 +34,20 @@ def benchmark_model(
         include_path: Comma-separated folders of more task YAML files ("" for none).
         limit: Examples per task: 0 for all, a count, or a fraction below 1.
         num_fewshot: Few-shot examples per prompt (-1: each task's default).
-        batch_size: A number, auto (largest that fits the GPU; 8 on CPU) or auto:N.
+        batch_size: A number, auto (largest that fits the GPU; 8 on CPU) or auto:N ("": auto).
         device: auto (CUDA when there is a GPU), cpu or cuda.
     """
+    if not tasks.strip():  # the pipeline's eval_lm_tasks is empty: nothing to do
+        print("[benchmark] skipped: eval_lm_tasks is empty")
+        with open(results.path, "w") as handle:
+            handle.write("{}")
+        return
     from kfp_finetune.steps.step_errors import step_errors
 
     with step_errors("benchmark", workspace_path):
         from kfp_finetune.steps.benchmark import plan_benchmark, run_benchmark
 
-        plan = plan_benchmark(tasks, include_path, limit, num_fewshot, batch_size,
+        plan = plan_benchmark(tasks, include_path, limit, num_fewshot, batch_size or "auto",
                               base_dir=workspace_path)
         result = run_benchmark(model_path, plan, results_file=results.path, device=device)
         for name, value in sorted(result.metrics.items()):

@@ -19,7 +19,8 @@ from kfp_finetune.config.images import CPU_IMAGE
 from kfp_finetune.config.parameters import Param
 
 OUTPUTS = ("config", "accelerator_type", "accelerator_limit", "cpu_request", "memory_request",
-           "pvc_name", "pvc_annotations")
+           "pvc_name", "pvc_annotations", "bench_accelerator_type", "bench_accelerator_limit",
+           "bench_cpu_request", "bench_memory_request")
 FIXED_INPUTS = ("runtime", "cluster", "workspace_path", "run_id", "run_name", "pipeline")
 
 _TEMPLATE = '''def check_config(
@@ -33,7 +34,9 @@ _TEMPLATE = '''def check_config(
 ) -> NamedTuple("RunSettings", [
     ("config", dict), ("accelerator_type", str), ("accelerator_limit", str),
     ("cpu_request", str), ("memory_request", str), ("pvc_name", str),
-    ("pvc_annotations", dict),
+    ("pvc_annotations", dict), ("bench_accelerator_type", str),
+    ("bench_accelerator_limit", str), ("bench_cpu_request", str),
+    ("bench_memory_request", str),
 ]):
     """Check every parameter on CPU, before any volume, download or GPU is asked for.
 
@@ -49,7 +52,8 @@ _TEMPLATE = '''def check_config(
     Returns:
         config: the validated run config (kfp_finetune.config.run_config.RunConfig.to_dict);
         accelerator type and limit ("" and "" on CPU), CPU and memory requests, the volume's
-        name and annotations of the fine-tune task (empty for a local run).
+        name and annotations of the fine-tune task, and the optional lm-eval task's
+        resources (empty for a local run).
     """
     values = {{k: v for k, v in locals().items() if k not in {fixed!r}}}
     from kfp_finetune.steps.step_errors import step_errors
@@ -61,13 +65,14 @@ _TEMPLATE = '''def check_config(
                                       run_name=run_name, pipeline=pipeline)
         if s is None:
             print(f"[check-config] {{runtime}}: config checked")
-            return (config, "", "", "", "", "", {{}})
+            return (config, "", "", "", "", "", {{}}, "", "", "", "")
         limit = f"{{s.accelerator_limit}} x {{s.accelerator_type}}" if s.accelerator_limit \\
             else "none"
         print(f"[check-config] fine-tune: accelerators {{limit}}, cpu {{s.cpu_request}}, "
               f"memory {{s.memory_request}}; workspace volume {{s.pvc_name}}")
         return (config, s.accelerator_type, s.accelerator_limit, s.cpu_request,
-                s.memory_request, s.pvc_name, s.pvc_annotations)
+                s.memory_request, s.pvc_name, s.pvc_annotations, s.bench_accelerator_type,
+                s.bench_accelerator_limit, s.bench_cpu_request, s.bench_memory_request)
 '''
 
 

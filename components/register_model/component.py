@@ -39,6 +39,9 @@ def register_model(
     Returns:
         name, version and uri as registered.
     """
+    if not registry_url.strip():  # the pipeline's registry_url is empty: nothing to do
+        print("[register-model] skipped: registry_url is empty")
+        return ("", "", "")
     from kfp_finetune.steps.step_errors import step_errors
 
     with step_errors("register-model", None):

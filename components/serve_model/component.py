@@ -50,6 +50,11 @@ def serve_model(
     Returns:
         name, storage_uri, and applied (created, updated, unchanged or not applied).
     """
+    if not name.strip():  # the pipeline's serve_name is empty: nothing to do
+        print("[serve-model] skipped: serve_name is empty")
+        with open(serving_manifest.path, "w") as handle:
+            handle.write("")
+        return ("", "", "")
     from kfp_finetune.steps.step_errors import step_errors
 
     with step_errors("serve-model", None):

@@ -12,6 +12,7 @@ from kfp import dsl, kubernetes
 from kfp_finetune.components.cleanup_workspace import cleanup_workspace
 from kfp_finetune.components.create_workspace import create_workspace
 from kfp_finetune.config.runtimes import RuntimeSpec
+from kfp_finetune.pipelines.finetune.handoff import AfterExport
 from kfp_finetune.steps.check_config import GPU_RESOURCE
 from kfp_finetune.storage.credentials import HF_TOKEN_ENV, S3_SECRET_KEYS
 from kfp_finetune.storage.workspace import WORKSPACE_MOUNT
@@ -39,6 +40,7 @@ CHECK_TIMEOUT_S = 600
 # check-config's outputs that feed the fine-tune pod's resource fields, in the order
 # accelerator type, accelerator limit, CPU request, memory request.
 RESOURCE_OUTPUTS = ("accelerator_type", "accelerator_limit", "cpu_request", "memory_request")
+BENCH_RESOURCE_OUTPUTS = tuple(f"bench_{key}" for key in RESOURCE_OUTPUTS)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class Tasks:
     train: dsl.PipelineTask
     export: dsl.PipelineTask
     tokenize: dsl.PipelineTask
+    after: AfterExport | None = None  # the optional tasks after the export (cluster)
 
 
 def cluster_prelude(
@@ -167,3 +170,25 @@ def apply_cluster_settings(
     kubernetes.empty_dir_mount(train, volume_name="dshm", mount_path="/dev/shm",
                                medium="Memory", size_limit=ops.shm_size)
     kubernetes.set_timeout(train, ops.timeout_s)
+    if t.after is not None:
+        _benchmark_settings(ops, check, pvc, t.after.bench, v)
+
+
+def _benchmark_settings(ops: OpsDefaults, check: dsl.PipelineTask, pvc: dsl.PipelineTask,
+                        bench: dsl.PipelineTask, v: dict[str, Any]) -> None:
+    """The benchmark pod: the fine-tune pod's node and resources, or none when it is skipped."""
+    kubernetes.mount_pvc(bench, pvc_name=pvc.outputs["name"], mount_path=WORKSPACE_MOUNT)
+    kubernetes.use_secret_as_env(  # lm-eval task datasets may be gated on the Hub
+        bench, secret_name=v["secret_hf_token"],
+        secret_key_to_env={HF_TOKEN_ENV: HF_TOKEN_ENV}, optional=True)
+    resources = [check.outputs[key] for key in BENCH_RESOURCE_OUTPUTS]
+    bench.set_accelerator_type(resources[0]).set_accelerator_limit(resources[1])
+    bench.set_cpu_request(resources[2]).set_memory_request(resources[3])
+    bench.register_pipeline_channels(resources)
+    kubernetes.add_node_selector_json(bench, node_selector_json=v["cluster_node_selector"])
+    if ops.gpu_toleration:
+        kubernetes.add_toleration(bench, **GPU_TOLERATION)
+    kubernetes.add_toleration_json(bench, toleration_json=v["cluster_tolerations"])
+    kubernetes.empty_dir_mount(bench, volume_name="dshm", mount_path="/dev/shm",
+                               medium="Memory", size_limit=ops.shm_size)
+    kubernetes.set_timeout(bench, ops.timeout_s)

@@ -1,15 +1,19 @@
-"""After export: register the model and hand it to KServe, each only when its setting is set.
+"""After export: benchmark, register and serve the model, each only when its setting is set.
 
-``add_handoff`` adds the two optional tasks after the export task; the pipeline calls it with
-its own ``registry_*`` and ``serve_*`` parameters. With ``registry_url`` and ``serve_name``
-empty (their defaults) neither task runs (``dsl.If``), so the pipeline behaves as before.
-Both take the export task's ``Model`` artifact (its metadata: where the model is), so neither
-mounts the workspace volume.
+``add_after_export`` adds the optional tasks after the export task from the pipeline's own
+``eval_lm_*``, ``registry_*`` and ``serve_*`` parameters.
 
-* ``register-model`` (cluster and local): the registry token from the Secret named by
-  ``registry_token_secret`` (key ``MODEL_REGISTRY_TOKEN``, optional) on a cluster.
-* ``serve-model`` (cluster and local; applying needs a cluster): the InferenceService YAML as
-  its ``serving_manifest`` artifact, created in the cluster with ``serve_apply``.
+* On a cluster the three tasks are always in the run and do nothing (a line saying so) while
+  their setting (``eval_lm_tasks``, ``registry_url``, ``serve_name``) is empty. They are not
+  under ``dsl.If``: they sit in the exit handler's group, and the backend records that group's
+  final state from its tasks' launchers (backend/src/v2/metadata/client.go:
+  UpdateDAGExecutionsState), which a condition left unrun would leave stale, and the exit task
+  decides on the volume from that state. A skipped benchmark asks for no GPU (check-config
+  hands it empty accelerator strings and 100m/256Mi).
+* A local run (kfp.local) adds only the tasks whose setting it was given.
+
+register-model and serve-model take the export task's ``Model`` artifact (its metadata: where
+the model is), so they do not mount the volume; the benchmark reads the exported folder there.
 """
 
 from dataclasses import dataclass
@@ -17,6 +21,7 @@ from typing import Any
 
 from kfp import dsl, kubernetes
 
+from kfp_finetune.components.benchmark_model import benchmark_model
 from kfp_finetune.components.register_model import register_model
 from kfp_finetune.components.serve_model import serve_model
 from kfp_finetune.steps.register_model import TOKEN_ENV
@@ -26,67 +31,68 @@ from kfp_finetune.storage.workspace import WORKSPACE_MOUNT
 HANDOFF_CPU_REQUEST = "100m"
 HANDOFF_MEMORY_REQUEST = "256Mi"
 HANDOFF_TIMEOUT_S = 1800
+# Each optional task's inputs: component input -> pipeline parameter (or a constant default).
+REGISTER_INPUTS = {"registry_url": "registry_url", "model_name": "registry_model_name",
+                   "version": "registry_version", "author": "registry_author"}
+SERVE_INPUTS = {"name": "serve_name", "namespace": "serve_namespace", "apply": "serve_apply",
+                "gpus": "serve_gpus", "cpu": "serve_cpu", "memory": "serve_memory",
+                "max_model_len": "serve_max_model_len", "runtime": "serve_runtime",
+                "service_account": "serve_service_account"}
+BENCH_INPUTS = {"tasks": "eval_lm_tasks", "include_path": "eval_lm_include_path",
+                "limit": "eval_lm_limit", "num_fewshot": "eval_lm_num_fewshot",
+                "batch_size": "eval_lm_batch_size"}
 
 
 @dataclass(frozen=True)
-class HandoffParams:
-    """The pipeline parameters (or constants) the two tasks take."""
+class AfterExport:
+    """The optional tasks that were added (None: left out of a local run)."""
 
-    registry_url: Any = ""
-    registry_model_name: Any = ""
-    registry_version: Any = ""
-    registry_author: Any = "kfp-finetune"
-    registry_token_secret: Any = "model-registry-token"
-    serve_name: Any = ""
-    serve_namespace: Any = ""
-    serve_apply: Any = False
-    serve_gpus: Any = 1
-    serve_cpu: Any = ""
-    serve_memory: Any = ""
-    serve_max_model_len: Any = 0
-    serve_runtime: Any = ""
-    serve_service_account: Any = ""
+    bench: dsl.PipelineTask | None = None
+    register: dsl.PipelineTask | None = None
+    serve: dsl.PipelineTask | None = None
 
 
-def add_handoff(
-    export: dsl.PipelineTask, p: HandoffParams, *, pvc_name: Any = "",
+def _inputs(names: dict[str, str], values: dict[str, Any]) -> dict[str, Any]:
+    return {arg: values[param] for arg, param in names.items() if param in values}
+
+
+def add_after_export(
+    export: dsl.PipelineTask, values: dict[str, Any], *, pvc_name: Any = "",
     workspace: str = WORKSPACE_MOUNT, cluster: bool = True,
-) -> None:
-    """Add register-model and serve-model after ``export`` (each under its own ``dsl.If``).
+) -> AfterExport:
+    """Add the benchmark, register-model and serve-model tasks after ``export``.
 
     Args:
-        export: The export task (its ``model`` output).
-        p: The settings.
+        export: The export task (its ``model`` and ``path`` outputs).
+        values: The pipeline's parameters (channels) by name.
         pvc_name: The workspace volume's name (check-config's ``pvc_name``; "" locally).
-        workspace: Where the export task mounted it (the pipeline's workspace path).
-        cluster: Compiling for a cluster (Secret, resources, timeout); False for kfp.local.
+        workspace: Where the tasks mount the workspace.
+        cluster: Compiling for a cluster (all three tasks); False for kfp.local (only those
+            whose setting the run gives).
     """
-    with dsl.If(p.registry_url != "", name="model-registry"):
-        reg = register_model(
-            model=export.outputs["model"], registry_url=p.registry_url,
-            model_name=p.registry_model_name, version=p.registry_version,
-            author=p.registry_author, pvc_name=pvc_name, workspace_path=workspace)
-        reg.set_display_name("register-model")
-        reg.set_caching_options(False)  # it writes to a registry
-        if cluster:
-            kubernetes.use_secret_as_env(
-                reg, secret_name=p.registry_token_secret,
-                secret_key_to_env={TOKEN_ENV: TOKEN_ENV}, optional=True)
-            _small(reg)
-    with dsl.If(p.serve_name != "", name="kserve"):
+    bench = register = serve = None
+    if cluster or "eval_lm_tasks" in values:
+        bench = benchmark_model(model_path=export.outputs["path"], workspace_path=workspace,
+                                **_inputs(BENCH_INPUTS, values))
+        bench.set_display_name("benchmark")
+        bench.set_caching_options(False)  # it reads this run's export
+    if cluster or "registry_url" in values:
+        register = register_model(
+            model=export.outputs["model"], pvc_name=pvc_name, workspace_path=workspace,
+            **_inputs(REGISTER_INPUTS, values))
+        register.set_display_name("register-model")
+        register.set_caching_options(False)  # it writes to a registry
+    if cluster or "serve_name" in values:
         serve = serve_model(
-            model=export.outputs["model"], name=p.serve_name, namespace=p.serve_namespace,
-            apply=p.serve_apply, pvc_name=pvc_name, workspace_path=workspace,
-            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            gpus=p.serve_gpus, cpu=p.serve_cpu, memory=p.serve_memory,
-            max_model_len=p.serve_max_model_len, runtime=p.serve_runtime,
-            service_account=p.serve_service_account)
+            model=export.outputs["model"], pvc_name=pvc_name, workspace_path=workspace,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **_inputs(SERVE_INPUTS, values))
         serve.set_display_name("serve-model")
         serve.set_caching_options(False)  # it may change the cluster
-        if cluster:
-            _small(serve)
-
-
-def _small(task: dsl.PipelineTask) -> None:
-    task.set_cpu_request(HANDOFF_CPU_REQUEST).set_memory_request(HANDOFF_MEMORY_REQUEST)
-    kubernetes.set_timeout(task, HANDOFF_TIMEOUT_S)
+    if cluster:
+        kubernetes.use_secret_as_env(
+            register, secret_name=values["secret_registry_token"],
+            secret_key_to_env={TOKEN_ENV: TOKEN_ENV}, optional=True)
+        for task in (register, serve):
+            task.set_cpu_request(HANDOFF_CPU_REQUEST).set_memory_request(HANDOFF_MEMORY_REQUEST)
+            kubernetes.set_timeout(task, HANDOFF_TIMEOUT_S)
+    return AfterExport(bench, register, serve)

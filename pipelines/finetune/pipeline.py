@@ -32,6 +32,7 @@ needs is ``kfp_finetune.drivers.backend.MIN_BACKEND`` or newer.
 
 
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Collection
 from typing import Any, Optional
@@ -52,6 +53,7 @@ from kfp_finetune.pipelines.finetune.cluster import (
     cluster_prelude,
     ops_defaults,
 )
+from kfp_finetune.pipelines.finetune.handoff import add_after_export
 from kfp_finetune.storage.workspace import WORKSPACE_MOUNT
 
 
@@ -114,13 +116,16 @@ def build_pipeline(runtime_name: str, local_workspace: str | None = None,
         check.set_caching_options(False)  # it names this run's volume
         config = check.outputs["config"]
         if not cluster:
-            _work(workspace, config, check)
+            tasks = _work(workspace, config, check)
+            add_after_export(tasks.export, values, workspace=workspace, cluster=False)
             return
         pvc, cleanup = cluster_prelude(check, values)
         # The exit task runs whatever the outcome; the group holds container tasks only, so
         # the last one to end records the group's final state (see cleanup_workspace).
         with dsl.ExitHandler(cleanup, name="fine-tune-run"):
             tasks = _work(workspace, config, check)
+            after = add_after_export(tasks.export, values, pvc_name=check.outputs["pvc_name"])
+        tasks = dataclasses.replace(tasks, after=after)
         apply_cluster_settings(ops, check=check, pvc=pvc, tasks=tasks, values=values)
 
     finetune_pipeline.__signature__ = _signature(rt, params)

@@ -88,7 +88,8 @@ def test_fine_tune_requests_the_gpu_count(compiled, runtime):
 def test_hf_token_comes_from_an_optional_secret_not_a_parameter(compiled, runtime):
     spec, platform = compiled[runtime]
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert not [p for p in params if "token" in p.lower() and p != "secret_hf_token"]
+    # Only Secret names carry "token": secret_hf_token, secret_registry_token.
+    assert not [p for p in params if "token" in p.lower() and not p.startswith("secret_")]
     assert params["secret_hf_token"]["parameterType"] == "STRING"
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for step in ("dataset-initializer", "model-initializer"):

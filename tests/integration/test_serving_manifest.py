@@ -208,53 +208,70 @@ def test_the_component_writes_the_manifest_artifact(namespace, tmp_path):
                             "applied": "not applied"}
 
 
-def _wiring(cluster: bool):
-    from kfp import dsl
-
-    from kfp_finetune.components.export_model import export_model
-    from kfp_finetune.pipelines.finetune.handoff import HandoffParams, add_handoff
-
-    @dsl.pipeline(name="wiring")
-    def wiring(registry_url: str = "", registry_token_secret: str = "model-registry-token",
-               serve_name: str = "", serve_apply: bool = False):
-        export = export_model(runtime="torchtune-llama3.2-tiny")
-        add_handoff(export, HandoffParams(registry_url=registry_url,
-                                          registry_token_secret=registry_token_secret,
-                                          serve_name=serve_name, serve_apply=serve_apply),
-                    pvc_name="kfp-finetune-x" if cluster else "", cluster=cluster)
-
-    return wiring
-
-
-@pytest.mark.parametrize("cluster", [True, False])
-def test_both_steps_compile_after_export_each_under_its_setting(tmp_path, cluster):
-    from support.backend_rules import secret_names, strict_parse, unlisted_features
+def test_the_optional_steps_follow_the_export_without_conditions_on_a_cluster(tmp_path):
     from kfp import compiler
+    from support.backend_rules import secret_names, strict_parse, unlisted_features
 
-    compiler.Compiler().compile(_wiring(cluster), str(tmp_path / "p.yaml"))
-    docs = list(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
-    spec, platform = docs[0], (docs[1] if len(docs) > 1 else None)
-    conditions = {name: t["triggerPolicy"]["condition"] for name, t in
-                  spec["root"]["dag"]["tasks"].items() if "triggerPolicy" in t}
-    assert len(conditions) == 2
-    assert "registry_url" in conditions["condition-1"]
-    assert "serve_name" in conditions["condition-2"]
+    from kfp_finetune.drivers.compile import compile_runtime
+
+    docs = list(yaml.safe_load_all(compile_runtime("torchtune-llama3.2-1b", tmp_path)
+                                   .read_text()))
+    spec, platform = docs[0], docs[1]
+    group = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    for name in ("benchmark-model", "register-model", "serve-model"):
+        # In the exit handler's group, after the export, never under a condition (a skipped
+        # condition would leave the group's final state stale; see pipelines/.../handoff.py).
+        assert group[name]["dependentTasks"] == ["export-model"], name
+        assert "triggerPolicy" not in group[name], name
     assert "serving_manifest" in spec["components"]["comp-serve-model"]["outputDefinitions"][
         "artifacts"]
-    # The backend's rules the rest of the pipeline obeys (tests/backend_rules.py).
     assert strict_parse(spec, platform) == []
     assert unlisted_features(spec, platform) == []
-    assert secret_names(spec, platform, {"registry_token_secret": "model-registry-token"},
-                        {}) == []
-    env = (platform or {}).get("platforms", {}).get("kubernetes", {}).get(
-        "deploymentSpec", {}).get("executors", {}).get("exec-register-model", {})
-    if cluster:
-        [secret] = env["secretAsEnv"]
-        assert secret["keyToEnv"] == [{"secretKey": "MODEL_REGISTRY_TOKEN",
-                                       "envVar": "MODEL_REGISTRY_TOKEN"}]
-        assert secret["optional"] is True
-    else:
-        assert env == {}
+    assert secret_names(spec, platform, {}, {}) == []
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    (secret,) = executors["exec-register-model"]["secretAsEnv"]
+    assert secret["keyToEnv"] == [{"secretKey": "MODEL_REGISTRY_TOKEN",
+                                   "envVar": "MODEL_REGISTRY_TOKEN"}]
+    assert secret["optional"] is True
+    assert secret["secretNameParameter"] == {
+        "componentInputParameter": "pipelinechannel--secret_registry_token"}
+
+    # A local pipeline has a step only when its setting is given.
+    from kfp_finetune.pipelines.finetune import build_pipeline
+
+    local = tmp_path / "local.yaml"
+    compiler.Compiler().compile(build_pipeline(
+        "torchtune-llama3.2-tiny", str(tmp_path), given=["data_uri", "registry_url"]), str(local))
+    tasks = next(yaml.safe_load_all(local.read_text()))["root"]["dag"]["tasks"]
+    assert "register-model" in tasks
+    assert "serve-model" not in tasks and "benchmark-model" not in tasks
+
+
+def test_skipped_steps_say_so_and_ask_for_no_gpu(tmp_path, capsys):
+    from kfp import dsl
+
+    from kfp_finetune.components.register_model import register_model
+    from kfp_finetune.components.serve_model import serve_model
+    from kfp_finetune.steps.check_config import check_cluster_settings
+
+    art = dsl.Model(name="m", uri=str(tmp_path / "m"), metadata={})
+    assert register_model.python_func(model=art, registry_url="") == ("", "", "")
+    out = dsl.Artifact(name="s", uri=str(tmp_path / "s"), metadata={})
+    assert serve_model.python_func(model=art, serving_manifest=out, name="") == ("", "", "")
+    text = capsys.readouterr().out
+    assert "registry_url is empty" in text and "serve_name is empty" in text
+    values = dict(train_gpus_per_node=2, cluster_accelerator_type="nvidia.com/gpu",
+                  cluster_cpu_request="8", cluster_memory_request="64Gi",
+                  workspace_pvc_size="100Gi", workspace_storage_class="standard",
+                  workspace_access_modes=["ReadWriteOnce"], secret_hf_token="hf-token",
+                  secret_s3="s3-credentials")
+    run = dict(run_id="0b6f1a52-4c1e-4a7e-9d43-2f7a3c0e8b11")
+    off = check_cluster_settings(values, **run)
+    assert (off.bench_accelerator_type, off.bench_accelerator_limit) == ("", "")
+    assert (off.bench_cpu_request, off.bench_memory_request) == ("100m", "256Mi")
+    on = check_cluster_settings({**values, "eval_lm_tasks": "hellaswag"}, **run)
+    assert (on.bench_accelerator_type, on.bench_accelerator_limit) == ("nvidia.com/gpu", "2")
+    assert (on.bench_cpu_request, on.bench_memory_request) == ("8", "64Gi")
 
 
 def test_apply_outside_a_cluster_says_to_apply_the_artifact(namespace, monkeypatch):

@@ -201,7 +201,7 @@ def test_fails_on_an_empty_secret_name(tmp_path):
 def test_fails_on_an_empty_secret_name_given_to_the_pipeline():
     spec, platform = COMPILED["torchtune-llama3.2-1b"]
     problems = secret_names(spec, platform, {"secret_hf_token": ""}, {})
-    assert len(problems) == 3  # the initializers and the export
+    assert len(problems) == 4  # the initializers, the export and the benchmark
     # And check-config, which runs before them, refuses it with the reason.
     with pytest.raises(ConfigError, match="secret_hf_token is empty.*need not exist"):
         check_config_outputs(spec, "torchtune-llama3.2-1b", {"secret_hf_token": ""})

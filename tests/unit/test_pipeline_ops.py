@@ -255,7 +255,8 @@ def test_an_exit_task_cleans_up_the_volume_whatever_the_outcome(compiled, runtim
     # driver-only task (DeletePVC) or a condition there would leave it stale.
     group = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
     assert set(group) == {"dataset-initializer", "model-initializer", "tokenize-dataset",
-                          "fine-tune", "export-model"}
+                          "fine-tune", "export-model", "benchmark-model", "register-model",
+                          "serve-model"}
     execs = spec["deploymentSpec"]["executors"]
     assert all("container" in execs[f"exec-{name}"] for name in group)
     assert not [c for c in spec["components"] if "deletepvc" in c]

@@ -34,7 +34,8 @@ def test_our_torchtune_config_is_an_sdk_one_with_the_extra_settings():
     ours = {f.name for f in dataclasses.fields(kfp_finetune.TorchTuneConfig)}
     theirs = {f.name for f in dataclasses.fields(sdk.TorchTuneConfig)}
     assert theirs < ours
-    assert ours - theirs == {"learning_rate", "gradient_accumulation_steps", "max_seq_len",
+    assert ours - theirs == {"learning_rate", "weight_decay", "gradient_accumulation_steps",
+                             "max_seq_len",
                              "packed", "activation_checkpointing", "compile",
                              "max_steps_per_epoch", "seed", "overrides", "weight_decay",
                              "eval_split"}

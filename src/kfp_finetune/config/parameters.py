@@ -35,8 +35,8 @@ DEFAULT_S3_SECRET = "s3-credentials"
 GPU_RESOURCE = "nvidia.com/gpu"
 
 # Where a parameter's value goes: a RunConfig field ("model_uri"), a TorchTuneConfig field
-# ("trainer.learning_rate", "trainer.peft_config.lora_rank"), or OPS for the cluster-only
-# settings that check-config validates and the pipeline applies itself.
+# ("trainer.learning_rate", "trainer.peft_config.lora_rank"), or OPS for the settings that the
+# pipeline hands to its tasks itself (cluster settings, the optional steps after the export).
 OPS = "ops"
 
 
@@ -127,7 +127,19 @@ PARAMETERS: tuple[Param, ...] = (
     Param("data_uri", str, "Dataset: hf://org/repo[/dir-or-file], s3://bucket/prefix, "
           "file:///abs/path or /abs/path.", "dataset_uri", DEFAULT_DATASET_URI, "--dataset-uri",
           aliases=("dataset_uri",)),
-    # --- eval: held-out evaluation
+    # --- eval: held-out loss, and benchmarks after the export (optional)
+    Param("eval_lm_batch_size", str, "lm-eval batch size: a number or auto:N (empty: auto, "
+          "the largest that fits).", OPS, "", "--lm-eval-batch-size"),
+    Param("eval_lm_include_path", str, "Folder of your own lm-eval task YAML files (on the "
+          "workspace volume or in the image).", OPS, "", "--lm-eval-include-path"),
+    Param("eval_lm_limit", float, "Examples per lm-eval task: a count, or a fraction below 1 "
+          "(empty: all).", OPS, None, "--lm-eval-limit"),
+    Param("eval_lm_num_fewshot", int, "Few-shot examples per lm-eval prompt (empty: each "
+          "task's own).", OPS, None, "--lm-eval-num-fewshot"),
+    Param("eval_lm_tasks", str, "lm-evaluation-harness tasks to run on the exported model, "
+          "comma-separated names or task YAML paths (empty: no benchmark step).", OPS, "",
+          "--lm-eval-tasks"),
+    # held-out loss of the base and the fine-tuned model (fine-tune task)
     Param("eval_split", str, "Held-out split, e.g. train[95%:] with data_split=train[:95%]; "
           "it must not share a row with data_split. The fine-tune task reports the base and "
           "the fine-tuned model's loss and perplexity on it (empty: no held-out evaluation).",
@@ -168,15 +180,49 @@ PARAMETERS: tuple[Param, ...] = (
           "model_ignore_patterns", [], "--model-ignore-patterns", cli_style="csv"),
     Param("model_uri", str, "Base model: hf://org/repo, s3://bucket/prefix, file:///abs/path or "
           "/abs/path.", "model_uri", lambda rt: rt.model_uri, "--model-uri"),
+    # --- registry: the Kubeflow Model Registry (optional)
+    Param("registry_author", str, "Author recorded with the registered model.", OPS,
+          "kfp-finetune", "--registry-author"),
+    Param("registry_model_name", str, "Registered model name (empty: <base model>-finetuned).",
+          OPS, "", "--registry-model-name"),
+    Param("registry_url", str, "Model Registry REST address, e.g. "
+          "https://model-registry.kubeflow.svc:8443 (empty: the model is not registered).",
+          OPS, "", "--registry-url"),
+    Param("registry_version", str, "Version name (empty: the export folder's name, which "
+          "carries the run id).", OPS, "", "--registry-version"),
     # --- secret: names of Kubernetes Secrets (never the values)
     Param("secret_hf_token", str, "Name of the Kubernetes Secret with key HF_TOKEN, for gated "
           "or private repos and export_push_to=hf://... It need not exist, but the name must "
           "not be empty.", OPS, DEFAULT_HF_SECRET, "--hf-token-secret", True,
           ("hf_token_secret",)),
+    Param("secret_registry_token", str, "Name of the Kubernetes Secret with key "
+          "MODEL_REGISTRY_TOKEN for the Model Registry (optional; without it the pod's service "
+          "account token is used).", OPS, "model-registry-token", "--registry-token-secret",
+          True),
     Param("secret_s3", str, "Name of the Kubernetes Secret with keys AWS_ACCESS_KEY_ID, "
           "AWS_SECRET_ACCESS_KEY and optionally AWS_SESSION_TOKEN, AWS_ENDPOINT_URL, "
           "AWS_DEFAULT_REGION. It need not exist, but the name must not be empty.", OPS,
           DEFAULT_S3_SECRET, "--s3-secret", True, ("s3_secret",)),
+    # --- serve: a KServe InferenceService for the model (optional)
+    Param("serve_apply", bool, "Create or update the InferenceService in the cluster (needs "
+          "RBAC on inferenceservices.serving.kserve.io); otherwise only its YAML is written.",
+          OPS, False, "--serve-apply", True),
+    Param("serve_cpu", str, "CPU request of the predictor, e.g. 4 (empty: KServe's default).",
+          OPS, "", "--serve-cpu"),
+    Param("serve_gpus", int, "GPUs of the predictor (0: the Hugging Face backend on CPU; "
+          "otherwise vLLM).", OPS, 1, "--serve-gpus"),
+    Param("serve_max_model_len", int, "Longest context the server accepts (empty: the "
+          "model's).", OPS, None, "--serve-max-model-len"),
+    Param("serve_memory", str, "Memory request of the predictor, e.g. 24Gi (empty: KServe's "
+          "default).", OPS, "", "--serve-memory"),
+    Param("serve_name", str, "InferenceService name (empty: no serving step), at most 53 "
+          "characters.", OPS, "", "--serve-name"),
+    Param("serve_namespace", str, "Namespace of the InferenceService (empty: the run's).", OPS,
+          "", "--serve-namespace"),
+    Param("serve_runtime", str, "ServingRuntime name (empty: KServe picks the Hugging Face "
+          "runtime).", OPS, "", "--serve-runtime"),
+    Param("serve_service_account", str, "Service account of the predictor, for storage "
+          "credentials (empty: the namespace's default).", OPS, "", "--serve-service-account"),
     # --- train: the training run
     Param("train_activation_checkpointing", bool, "Recompute activations to save memory "
           "(empty: off where the card's memory allows, see README Runtimes).",

@@ -29,6 +29,8 @@ GPU_RESOURCE = "nvidia.com/gpu"
 MAX_GPUS = 8
 ACCESS_MODES = ("ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod", "ReadOnlyMany")
 PVC_PREFIX = "kfp-finetune-"
+SKIPPED_CPU_REQUEST = "100m"
+SKIPPED_MEMORY_REQUEST = "256Mi"
 ANNOTATION_PREFIX = "kfp-finetune/"
 # Kubernetes quantity grammar (k8s.io/apimachinery pkg/api/resource, ParseQuantity): a decimal
 # number, then a binary suffix (Ki..Ei), a decimal suffix (n u m "" k M G T P E) or an exponent.
@@ -206,6 +208,12 @@ class ClusterSettings:
     memory_request: str
     pvc_name: str
     pvc_annotations: dict[str, str] = field(default_factory=dict)
+    # The optional lm-eval task's pod: the fine-tune pod's resources when eval_lm_tasks is
+    # set, else a few seconds of CPU (it only says it was skipped).
+    bench_accelerator_type: str = ""
+    bench_accelerator_limit: str = ""
+    bench_cpu_request: str = SKIPPED_CPU_REQUEST
+    bench_memory_request: str = SKIPPED_MEMORY_REQUEST
 
 
 def check_secret_names(hf_token_secret: Any, s3_secret: Any) -> None:
@@ -244,6 +252,7 @@ def check_cluster_settings(
             "copy of the model (it lives on the workspace volume); set export_push_to to "
             "hf://org/repo or s3://bucket/prefix, or set workspace_delete_on_success=false."
         )
+    bench = bool((v.get("eval_lm_tasks") or "").strip())
     return ClusterSettings(
         accelerator_type=acc_type,
         accelerator_limit=acc_limit,
@@ -251,4 +260,8 @@ def check_cluster_settings(
         memory_request=v["cluster_memory_request"],
         pvc_name=workspace_pvc_name(run_id),
         pvc_annotations=pvc_annotations(pipeline, run_id, run_name),
+        bench_accelerator_type=acc_type if bench else "",
+        bench_accelerator_limit=acc_limit if bench else "",
+        bench_cpu_request=v["cluster_cpu_request"] if bench else SKIPPED_CPU_REQUEST,
+        bench_memory_request=v["cluster_memory_request"] if bench else SKIPPED_MEMORY_REQUEST,
     )
