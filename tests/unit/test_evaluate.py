@@ -172,3 +172,21 @@ def test_the_base_result_is_cached_by_what_the_measurement_depends_on():
     for change in ({"dataset": {"split": "train[90%:]"}}, {"loss": {"_component_": "m"}},
                    {"batch_size": 8}):
         assert key_conf({**full, **change}) != key_conf(full)
+
+
+def test_held_out_figures_reach_the_export_only_for_their_own_run(tmp_path):
+    # The fine-tune step keeps them beside the checkpoints, keyed by the training fingerprint;
+    # the export (and through it the Model Registry) reads them back for that run only.
+    import json
+
+    from kfp_finetune.steps.held_out import FIGURES_FILE, record_figures, recorded_figures
+    from kfp_finetune.storage.ownership import MANIFEST
+
+    (tmp_path / MANIFEST).write_text(json.dumps({"fingerprint": "fp-1"}))
+    record_figures(tmp_path, {"eval_loss": 2.5, "eval_loss_base": 6.1, "eval_tokens": 40})
+    assert recorded_figures(tmp_path, "fp-1") == {"eval_loss": 2.5, "eval_loss_base": 6.1,
+                                                  "eval_tokens": 40}
+    assert recorded_figures(tmp_path, "fp-2") == {}  # another run's checkpoint
+    record_figures(tmp_path, {})  # a run without eval_split: no figure outlives it
+    assert not (tmp_path / FIGURES_FILE).exists()
+    assert recorded_figures(tmp_path, "fp-1") == {}

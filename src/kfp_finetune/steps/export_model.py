@@ -36,6 +36,7 @@ from typing import Any
 from kfp_finetune.errors import ConfigError, WorkspaceError
 from kfp_finetune.steps.completion import check_trained_on_workspace, export_matches
 from kfp_finetune.steps.export_metadata import adapter_config, export_metadata, load_config
+from kfp_finetune.steps.held_out import recorded_figures
 from kfp_finetune.steps.hf_folder import ensure_generation_config, ensure_index
 from kfp_finetune.steps.model_card import ADAPTER_DIR, carry_chat_template, render_card
 from kfp_finetune.steps.tracking_run import record_export
@@ -334,6 +335,7 @@ def _write_export(
         conf = load_config(config_yaml)
         metadata = export_metadata(trained, base, dataset, conf, runtime_name, run_id, final,
                                    adapter)
+        metadata.update(recorded_figures(ws.checkpoints_dir, trained["fingerprint"]))
         (staging / "README.md").write_text(render_card(metadata, conf, staging, ws.model_dir))
         metadata["files"] = list_files(staging)
         install(staging, final, metadata)

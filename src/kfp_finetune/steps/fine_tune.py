@@ -49,7 +49,7 @@ from kfp_finetune.steps.completion import (
 )
 from kfp_finetune.steps.gpu_defaults import detect_gpu_memory_gib
 from kfp_finetune.steps.gpus import check_gpus_visible
-from kfp_finetune.steps.held_out import HeldOut, prepare_held_out
+from kfp_finetune.steps.held_out import HeldOut, prepare_held_out, record_figures
 from kfp_finetune.steps.tokenize_dataset import pretokenized_conf
 from kfp_finetune.steps.training_log import losses, read_metrics
 from kfp_finetune.steps.tune_config import (
@@ -231,10 +231,10 @@ def _run_locked(
 
 def _with_eval(summary: TrainSummary, held: HeldOut | None) -> TrainSummary:
     """The summary with the held-out Metrics added (unchanged without an eval split)."""
-    if held is None:
-        return summary
-    return replace(summary, metrics={**summary.metrics,
-                                     **held.metrics(Path(summary.checkpoint_dir))})
+    out = Path(summary.checkpoint_dir).parent
+    figures = held.metrics(Path(summary.checkpoint_dir)) if held is not None else {}
+    record_figures(out, figures)  # for the export's metadata (and the registry)
+    return replace(summary, metrics={**summary.metrics, **figures}) if figures else summary
 
 
 def _finished_run(

@@ -20,7 +20,12 @@ from kfp_finetune.errors import ConfigError, DatasetError
 from kfp_finetune.steps.completion import shard_names
 from kfp_finetune.steps.dataset_plan import DatasetPlan, plan_dataset
 from kfp_finetune.steps.evaluate import EvalResult, Log, eval_conf, eval_metrics, run_evaluation
-from kfp_finetune.storage.workspace import Workspace, tree_bytes
+from kfp_finetune.storage.workspace import (
+    Workspace,
+    read_manifest,
+    tree_bytes,
+    write_json_atomic,
+)
 
 EVAL_CACHE = "eval"  # under the workspace's cache folder
 _GPU_SHARE = 0.9  # of one card's memory the weights may take (activations, CUDA context)
@@ -147,3 +152,33 @@ def prepare_held_out(ws: Workspace, conf: dict[str, Any], plan: DatasetPlan,
         f"{plan.rows} rows)")
     return HeldOut(eval_conf(conf, eval_split), ws.model_dir, ws.cache_dir / EVAL_CACHE,
                    dict(inputs), held.rows, log)
+
+
+FIGURES_FILE = "held_out.json"
+
+
+def record_figures(out: Path, figures: dict[str, Any]) -> None:
+    """Keep a run's held-out figures beside its checkpoints, keyed by its training fingerprint.
+
+    The export reads them (for its metadata, the model card and the Model Registry); a run
+    without ``eval_split`` removes them, so no figure outlives the measurement it belongs to.
+    """
+    path = out / FIGURES_FILE
+    done = read_manifest(out)
+    if not figures or done is None:
+        path.unlink(missing_ok=True)
+        return
+    write_json_atomic(path, {"fingerprint": done.get("fingerprint"), **figures})
+
+
+def recorded_figures(out: Path, fingerprint: str) -> dict[str, Any]:
+    """The held-out figures of the run with this training fingerprint ({} when there are none)."""
+    import json
+
+    try:
+        data = json.loads((out / FIGURES_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if data.pop("fingerprint", None) != fingerprint:
+        return {}
+    return {k: v for k, v in data.items() if k.startswith("eval_")}
