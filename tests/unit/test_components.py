@@ -59,7 +59,8 @@ def test_the_readme_tables_come_from_the_spec() -> None:
     assert "| `loss_curve` | HTML |" in text and "| `final_loss` | Float |" in text
     assert "- Kubeflow: Pipelines >=2.15.0, Pipelines SDK ==2.17.3" in text
     check = docs.render_readme("check_config")  # built from the whole parameter table
-    assert "| `runtime` | String | required |" in check and "| `train_lr` |" in check
+    assert "| `runtime` | String | required |" in check
+    assert "| `train_learning_rate` | Float | (unset) |" in check
 
 
 def _good() -> dict:
@@ -122,11 +123,11 @@ def test_check_config_returns_the_run_config() -> None:
     from kfp_finetune.config.parameters import PARAMETERS
 
     func = build_check_config(PARAMETERS).python_func
-    out = func(runtime=TINY, data_uri="/data/alpaca")
+    out = func(runtime=TINY, data_uri="/data/alpaca", model_uri="/models/tiny")
     assert RunConfig.from_dict(out[0]).dataset_uri == "/data/alpaca"
     assert out[1:] == ("", "", "", "", "", {}, "", "", "", "")  # local run: no resources
     with pytest.raises(ConfigError, match="batch_size=0"):
-        func(runtime=TINY, data_uri="/data/alpaca", train_batch_size=0)
+        func(runtime=TINY, data_uri="/data/alpaca", model_uri="/models/tiny", train_batch_size=0)
 
 
 def test_cleanup_workspace_keeps_a_failed_runs_volume_when_asked() -> None:
@@ -172,24 +173,50 @@ def test_the_initializers_fetch_and_check_the_fixtures(fetched, tmp_path: Path) 
     assert again[-1] is True and metrics.metadata["source"]  # the re-run finds its copy
 
 
-def test_tokenize_dataset_on_an_empty_workspace_names_what_is_missing(tmp_path: Path) -> None:
+def test_tokenize_dataset_tokenizes_the_fetched_fixture_then_skips(fetched, tmp_path) -> None:
     from kfp_finetune.components.tokenize_dataset import tokenize_dataset
 
-    config = RunConfig(runtime=TINY, dataset_uri="/data").to_dict()
-    with pytest.raises(KfpFinetuneError, match="dataset"):
-        tokenize_dataset.python_func(config=config, metrics=_out(dsl.Metrics, tmp_path, "m"),
-                                     workspace_path=str(tmp_path / "ws"), num_workers=1)
+    ws, got = fetched
+    metrics = _out(dsl.Metrics, tmp_path, "m")
+    first = tokenize_dataset.python_func(config=got["config"], metrics=metrics,
+                                         workspace_path=str(ws), num_workers=1)
+    rows, _, _, _, _, skipped = first
+    assert rows == got["data"][0] and skipped is False
+    again = tokenize_dataset.python_func(config=got["config"],
+                                         metrics=_out(dsl.Metrics, tmp_path, "m2"),
+                                         workspace_path=str(ws), num_workers=1)
+    assert again[0] == rows and again[-1] is True  # the re-run finds its store complete
+    with pytest.raises(KfpFinetuneError, match="no finished dataset-initializer output"):
+        tokenize_dataset.python_func(config=got["config"], metrics=_out(dsl.Metrics, tmp_path, "e"),
+                                     workspace_path=str(tmp_path / "empty"), num_workers=1)
 
 
 def test_fine_tune_without_the_fetched_model_refuses_before_tune_run(tmp_path: Path) -> None:
     from kfp_finetune.components.fine_tune import fine_tune
 
     config = RunConfig(runtime=TINY, dataset_uri="/data").to_dict()
-    with pytest.raises(KfpFinetuneError, match="model"):
+    with pytest.raises(KfpFinetuneError, match="no finished dataset-initializer output"):
         fine_tune.python_func(config=config, metrics=_out(dsl.Metrics, tmp_path, "m"),
                               loss_curve=_out(dsl.HTML, tmp_path, "c"),
                               workspace_path=str(tmp_path / "ws"))
     assert not (tmp_path / "c").exists()  # no chart of a run that did not happen
+
+
+def test_fine_tune_asking_for_a_gpu_on_a_cpu_node_refuses_at_once(fetched, tmp_path) -> None:
+    import torch
+
+    from kfp_finetune.components.fine_tune import fine_tune
+    from kfp_finetune.config.types import TorchTuneConfig
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal is for a node without one")
+    ws, got = fetched
+    config = RunConfig.from_dict(got["config"])
+    config.trainer = TorchTuneConfig(resources_per_node={"gpu": 1})
+    with pytest.raises(KfpFinetuneError, match="sees no GPU"):
+        fine_tune.python_func(config=config.to_dict(), metrics=_out(dsl.Metrics, tmp_path, "m"),
+                              loss_curve=_out(dsl.HTML, tmp_path, "c"), workspace_path=str(ws))
+    assert not (ws / "output").exists()  # nothing started
 
 
 def test_export_model_without_a_checkpoint_refuses(tmp_path: Path) -> None:
