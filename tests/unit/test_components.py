@@ -96,9 +96,8 @@ def test_check_lists_a_missing_metadata_and_a_stale_readme(tmp_path: Path) -> No
     assert [p.split(": ", 1)[1] for p in problems] == [
         "missing (see another component's for the fields)",
         "missing or stale (run `kfp-finetune compile`)"]
-    assert docs.update_component_docs(tmp_path) == [str(tmp_path / "export_model" /
-                                                        "metadata.yaml") + ": missing "
-                                                    "(see another component's for the fields)"]
+    assert docs.update_component_docs(tmp_path) == [
+        "components/export_model/metadata.yaml: missing (see another component's for the fields)"]
     assert (tmp_path / "fine_tune" / "README.md").read_text() == docs.render_readme("fine_tune")
 
 

@@ -7,6 +7,13 @@ from the component, never written by hand. Here the README's text comes from thr
 are already true: the module docstring (overview), the compiled component spec (inputs and
 outputs, their types, defaults and docstring descriptions) and metadata.yaml. ``kfp-finetune
 compile`` writes them; ``kfp-finetune compile --check`` fails when one is stale.
+
+metadata.yaml follows upstream's schema (name, stability, dependencies, lastVerified in this
+order; tags and links optional), with two kubeflow dependencies always stated and checked
+against what is in force: ``Pipelines`` is the KFP backend floor of the compiled pipelines
+(``kfp_finetune.drivers.backend.MIN_BACKEND``: every component is compiled and run under it),
+``Pipelines SDK`` the kfp pin (plus ``Pipelines Kubernetes SDK`` for kfp-kubernetes' op).
+External services name what a step talks to; their versions are optional.
 """
 
 from __future__ import annotations
@@ -220,7 +227,8 @@ def update_component_docs(root: Path = COMPONENTS_DIR, check: bool = False) -> l
     for name in component_names(root):
         meta_path = root / name / "metadata.yaml"
         if not meta_path.exists():
-            problems.append(f"{meta_path}: missing (see another component's for the fields)")
+            problems.append(f"components/{name}/metadata.yaml: missing (see another "
+                            "component's for the fields)")
             continue
         bad = check_metadata(name, yaml.safe_load(meta_path.read_text()))
         if bad:
@@ -230,7 +238,8 @@ def update_component_docs(root: Path = COMPONENTS_DIR, check: bool = False) -> l
         if readme.exists() and readme.read_text() == fresh:
             continue
         if check:
-            problems.append(f"{readme}: missing or stale (run `kfp-finetune compile`)")
+            problems.append(f"components/{name}/README.md: missing or stale "
+                            "(run `kfp-finetune compile`)")
         else:
             readme.write_text(fresh)
     return problems
