@@ -44,7 +44,8 @@ def export_model(
 
         run = RunConfig.from_dict(config)
         copy_to_artifact = run.copy_to_artifact
-        result = export(workspace_path, run.runtime, run.export_name, run_id, run.push_to)
+        result = export(workspace_path, run.runtime, run.export_name, run_id, run.push_to,
+                        tracking=run.tracking)
         meta = {k: v for k, v in result.metadata.items() if k != "files" and v is not None}
         meta["destinations"] = result.destinations
         meta["files"] = result.files

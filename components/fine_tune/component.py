@@ -38,7 +38,7 @@ def fine_tune(
 
         run = RunConfig.from_dict(config)
         runtime = run.runtime
-        result = run_fine_tune(workspace_path, runtime, run.trainer)
+        result = run_fine_tune(workspace_path, runtime, run.trainer, tracking=run.tracking)
         for key, value in result.metrics.items():
             if value is not None:
                 metrics.log_metric(key, value)

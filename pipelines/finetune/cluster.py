@@ -12,6 +12,7 @@ from kfp import dsl, kubernetes
 from kfp_finetune.components.cleanup_workspace import cleanup_workspace
 from kfp_finetune.components.create_workspace import create_workspace
 from kfp_finetune.config.runtimes import RuntimeSpec
+from kfp_finetune.config.tracking import TRACKING_SECRET_KEYS
 from kfp_finetune.pipelines.finetune.handoff import AfterExport
 from kfp_finetune.steps.check_config import GPU_RESOURCE
 from kfp_finetune.storage.credentials import HF_TOKEN_ENV, S3_SECRET_KEYS
@@ -139,6 +140,8 @@ def apply_cluster_settings(
             secret_key_to_env={key: key for key in S3_SECRET_KEYS}, optional=True,
         )
         task.set_cpu_request(CPU_TASK_CPU_REQUEST).set_memory_request(CPU_TASK_MEMORY_REQUEST)
+    if "secret_tracking" in v:  # MLflow / W&B credentials for the tasks that log
+        use_tracking_secret((t.train, t.export), v["secret_tracking"])
     t.tokenize.set_cpu_request(TOKENIZE_CPU_REQUEST).set_memory_request(CPU_TASK_MEMORY_REQUEST)
     for task in (t.data, t.model, t.tokenize):
         # Retries are allowed for as long as an attempt may take (Argo's default is 1 h from
@@ -192,3 +195,16 @@ def _benchmark_settings(ops: OpsDefaults, check: dsl.PipelineTask, pvc: dsl.Pipe
     kubernetes.empty_dir_mount(bench, volume_name="dshm", mount_path="/dev/shm",
                                medium="Memory", size_limit=ops.shm_size)
     kubernetes.set_timeout(bench, ops.timeout_s)
+
+
+def use_tracking_secret(tasks: Any, secret_name: Any) -> None:
+    """Fill the tracker credentials of ``tasks`` from a Secret (it and each key optional).
+
+    The fine-tune task logs to MLflow / W&B while training, the export task records where the
+    model went; both read ``TRACKING_SECRET_KEYS`` from the environment, never a parameter.
+    """
+    for task in tasks:
+        kubernetes.use_secret_as_env(
+            task, secret_name=secret_name,
+            secret_key_to_env={key: key for key in TRACKING_SECRET_KEYS}, optional=True,
+        )

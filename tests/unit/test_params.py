@@ -56,7 +56,7 @@ def test_no_magic_placeholder_in_any_default():
 
 def test_names_carry_their_stage_so_the_sorted_form_groups_them():
     stages = {"cluster", "data", "eval", "export", "lora", "model", "registry", "secret",
-              "serve", "train", "workspace"}
+              "serve", "track", "train", "workspace"}
     assert {p.name.split("_")[0] for p in PARAMETERS} == stages
     cluster_only = {p.name for p in PARAMETERS if p.cluster_only}
     assert all(BY_NAME[n].field == OPS for n in cluster_only)

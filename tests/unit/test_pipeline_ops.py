@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from kfp_finetune.config.runtimes import RUNTIMES
+from kfp_finetune.config.tracking import TRACKING_SECRET_KEYS
 from kfp_finetune.drivers.compile import compile_runtime
 from kfp_finetune.pipelines.finetune.cluster import (
     CHECK_TIMEOUT_S,
@@ -212,7 +213,16 @@ def test_secrets_reach_tasks_from_optional_secrets_named_by_parameters(compiled,
         assert by_env["HF_TOKEN"] == _group_param("secret_hf_token")
         for key in S3_SECRET_KEYS:
             assert by_env[key] == _group_param("secret_s3")
-    assert "secretAsEnv" not in executors["exec-fine-tune"]
+    # The trackers' credentials reach the two tasks that log (fine-tune, export) and no other.
+    for step in ("fine-tune", "export-model"):
+        (secret,) = [s for s in executors[f"exec-{step}"]["secretAsEnv"]
+                     if s["secretNameParameter"] == _group_param("secret_tracking")]
+        assert secret["optional"] is True
+        assert [i["envVar"] for i in secret["keyToEnv"]] == list(TRACKING_SECRET_KEYS)
+    assert len(executors["exec-fine-tune"]["secretAsEnv"]) == 1  # no Hub or S3 keys there
+    for step in ("dataset-initializer", "model-initializer"):
+        assert all(s["secretNameParameter"] != _group_param("secret_tracking")
+                   for s in executors[f"exec-{step}"]["secretAsEnv"])
 
 
 @pytest.mark.parametrize("runtime", CHECKED)

@@ -8,8 +8,8 @@ Names carry their stage as a prefix: the KFP UI lists a run's parameters alphabe
 without their descriptions, so the prefix is what keeps a stage's settings together (the
 approach of ilab-on-ocp's pipelines). ``cluster_`` pod placement and size, ``data_`` the
 dataset, ``export_`` the result, ``lora_`` parameter-efficient tuning, ``model_`` the base
-model, ``secret_`` Kubernetes Secret names, ``train_`` the training run, ``workspace_`` the
-per-run volume.
+model, ``secret_`` Kubernetes Secret names, ``track_`` experiment tracking (MLflow, W&B),
+``train_`` the training run, ``workspace_`` the per-run volume.
 
 Unset is empty: a number or on/off setting whose default is decided later (by the runtime, the
 torchtune config or the GPU node) is ``Optional`` with no value, and its description says what
@@ -198,6 +198,11 @@ PARAMETERS: tuple[Param, ...] = (
           "AWS_SECRET_ACCESS_KEY and optionally AWS_SESSION_TOKEN, AWS_ENDPOINT_URL, "
           "AWS_DEFAULT_REGION. It need not exist, but the name must not be empty.", OPS,
           DEFAULT_S3_SECRET, "--s3-secret", True, ("s3_secret",)),
+    Param("secret_tracking", str, "Name of the Kubernetes Secret with the experiment trackers' "
+          "credentials: MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and "
+          "MLFLOW_TRACKING_PASSWORD; WANDB_API_KEY and WANDB_BASE_URL (each key optional). It "
+          "need not exist, but the name must not be empty.", OPS, "tracking-credentials",
+          "--tracking-secret", True),
     # --- serve: a KServe InferenceService for the model (optional)
     Param("serve_apply", bool, "Create or update the InferenceService in the cluster (needs "
           "RBAC on inferenceservices.serving.kserve.io); otherwise only its YAML is written.",
@@ -218,6 +223,19 @@ PARAMETERS: tuple[Param, ...] = (
           "runtime).", OPS, "", "--serve-runtime"),
     Param("serve_service_account", str, "Service account of the predictor, for storage "
           "credentials (empty: the namespace's default).", OPS, "", "--serve-service-account"),
+    # --- track: experiment tracking (settings only; credentials from secret_tracking)
+    Param("track_mlflow_experiment", str, "MLflow experiment of the run (empty: kfp-finetune; "
+          "created when missing).", "tracking.mlflow_experiment", "",
+          "--track-mlflow-experiment"),
+    Param("track_mlflow_uri", str, "MLflow tracking server, http(s)://host[:port][/path]; "
+          "the run logs params, per-step loss, final metrics and the model's location there "
+          "(empty: no MLflow).", "tracking.mlflow_tracking_uri", "", "--track-mlflow-uri"),
+    Param("track_run_name", str, "Name of the tracked run (empty: the tracker's choice).",
+          "tracking.run_name", "", "--track-run-name"),
+    Param("track_wandb_entity", str, "W&B entity (team or user) of the project (empty: the API "
+          "key's default).", "tracking.wandb_entity", "", "--track-wandb-entity"),
+    Param("track_wandb_project", str, "W&B project the run logs to (empty: no W&B).",
+          "tracking.wandb_project", "", "--track-wandb-project"),
     # --- train: the training run
     Param("train_activation_checkpointing", bool, "Recompute activations to save memory "
           "(empty: off where the card's memory allows, see README Runtimes).",

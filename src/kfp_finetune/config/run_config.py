@@ -17,6 +17,7 @@ from enum import Enum
 from typing import Any
 
 from kfp_finetune.config.parameters import ALIASES, BY_NAME, OPS, PARAMETERS, Param
+from kfp_finetune.config.tracking import TrackingConfig, tracking_config
 from kfp_finetune.config.types import LoraConfig, TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.errors import ConfigError
 
@@ -39,6 +40,7 @@ class RunConfig:
         push_to: Where the export also copies the model ("" for nowhere).
         copy_to_artifact: Also copy the weights into the KFP artifact store.
         trainer: The training settings (the Kubeflow SDK's ``TorchTuneConfig``, extended).
+        tracking: MLflow / W&B settings (None: no tracking).
     """
 
     runtime: str
@@ -49,6 +51,7 @@ class RunConfig:
     push_to: str = ""
     copy_to_artifact: bool = False
     trainer: TorchTuneConfig = field(default_factory=TorchTuneConfig)
+    tracking: TrackingConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: enums as their values, unset (None) fields left out."""
@@ -68,6 +71,8 @@ class RunConfig:
                 trainer[key] = cls_(**trainer[key])
         _check_keys(data, cls, "RunConfig")
         _check_keys(trainer, TorchTuneConfig, "TorchTuneConfig")
+        if isinstance(data.get("tracking"), dict):  # checked here, before any task runs
+            data["tracking"] = tracking_config(**data["tracking"])
         return cls(**data, trainer=TorchTuneConfig(**trainer))
 
 

@@ -24,7 +24,9 @@ def python_name(param: Param) -> str:
     for prefix, owner in _OWNERS:
         if param.field.startswith(prefix):
             return f"`{owner}{param.field.removeprefix(prefix)}`"
-    return "cluster only" if param.field == OPS else f"`RunConfig.{param.field}`"
+    if param.field == OPS:
+        return "cluster only" if param.cluster_only else "run form and CLI"
+    return f"`RunConfig.{param.field}`"
 
 
 def _default(param: Param) -> str:

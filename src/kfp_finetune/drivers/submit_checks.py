@@ -140,7 +140,8 @@ def check_ops_values(values: dict[str, Any]) -> dict[str, Any]:
     for name, flag, what, example in (
             ("workspace_storage_class", "--pvc-storage-class", "StorageClass", "standard"),
             ("secret_hf_token", "--hf-token-secret", "Secret", "hf-token"),
-            ("secret_s3", "--s3-secret", "Secret", "s3-credentials")):
+            ("secret_s3", "--s3-secret", "Secret", "s3-credentials"),
+            ("secret_tracking", "--tracking-secret", "Secret", "tracking-credentials")):
         if name in v:
             check_object_name(v[name], flag, what, example)
     if "cluster_accelerator_type" in v:

@@ -216,10 +216,12 @@ class ClusterSettings:
     bench_memory_request: str = SKIPPED_MEMORY_REQUEST
 
 
-def check_secret_names(hf_token_secret: Any, s3_secret: Any) -> None:
-    """Check both Secret names (non-empty DNS names; the Secrets themselves are optional)."""
+def check_secret_names(hf_token_secret: Any, s3_secret: Any,
+                       tracking_secret: Any = "tracking-credentials") -> None:
+    """Check the Secret names (non-empty DNS names; the Secrets themselves are optional)."""
     check_object_name(hf_token_secret, "secret_hf_token", "Secret", "hf-token")
     check_object_name(s3_secret, "secret_s3", "Secret", "s3-credentials")
+    check_object_name(tracking_secret, "secret_tracking", "Secret", "tracking-credentials")
 
 
 def check_cluster_settings(
@@ -245,7 +247,8 @@ def check_cluster_settings(
     check_object_name(v["workspace_storage_class"], "workspace_storage_class", "StorageClass",
                       "standard")
     check_access_modes(v["workspace_access_modes"])
-    check_secret_names(v["secret_hf_token"], v["secret_s3"])
+    check_secret_names(v["secret_hf_token"], v["secret_s3"],
+                       v.get("secret_tracking", "tracking-credentials"))
     if v.get("workspace_delete_on_success") and not (v.get("export_push_to") or "").strip():
         raise ConfigError(
             "workspace_delete_on_success=true without export_push_to would delete the only "

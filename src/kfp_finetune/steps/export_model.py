@@ -38,6 +38,7 @@ from kfp_finetune.steps.completion import check_trained_on_workspace, export_mat
 from kfp_finetune.steps.export_metadata import adapter_config, export_metadata, load_config
 from kfp_finetune.steps.hf_folder import ensure_generation_config, ensure_index
 from kfp_finetune.steps.model_card import ADAPTER_DIR, carry_chat_template, render_card
+from kfp_finetune.steps.tracking_run import record_export
 from kfp_finetune.storage.upload import check_destination, push
 from kfp_finetune.storage.workspace import (
     MANIFEST,
@@ -228,6 +229,7 @@ def export_model(
     push_to: str = "",
     log: Log = _print,
     client: Any = None,
+    tracking: Any = None,
 ) -> ExportSummary:
     """Write the final checkpoint to ``<workspace>/output/<name>`` as a Hugging Face folder.
 
@@ -239,6 +241,7 @@ def export_model(
         push_to: Also copy the model there: ``hf://org/repo`` or ``s3://bucket/prefix``.
         log: Where progress lines go.
         client: An ``HfApi`` or S3 client for ``push_to`` (tests); None for a real one.
+        tracking: A ``TrackingConfig``: record the model's location in the tracked run.
 
     Returns:
         Where the model is, and its metadata.
@@ -267,6 +270,7 @@ def export_model(
         log(f"[export] {final} already holds this model (training fingerprint "
             f"{trained['fingerprint']}); not copying again.")
         destinations = push(final, push_to, run_id, log, client)
+        record_export(tracking, ws.checkpoints_dir, str(final), destinations, log)
         return ExportSummary(str(final), done.get("adapter_path"), len(done["files"]),
                              sum(f["bytes"] for f in done["files"]), done, True, destinations)
 
@@ -276,6 +280,7 @@ def export_model(
     log(f"[export] fine-tuned model: {final} ({len(files)} files, {total} bytes)"
         + (f"; PEFT adapter: {metadata['adapter_path']}" if metadata["adapter_path"] else ""))
     destinations = push(final, push_to, run_id, log, client)
+    record_export(tracking, ws.checkpoints_dir, str(final), destinations, log)
     return ExportSummary(str(final), metadata["adapter_path"], len(files), total, metadata,
                          False, destinations)
 

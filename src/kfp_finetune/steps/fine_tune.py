@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kfp_finetune.config.runtimes import RuntimeSpec, get_runtime
+from kfp_finetune.config.tracking import TrackingConfig
 from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.errors import (
     DatasetError,
@@ -34,6 +35,7 @@ from kfp_finetune.errors import (
     TrainingError,
     WorkspaceError,
 )
+from kfp_finetune.steps import tracking_run as tracked
 from kfp_finetune.steps.completion import (
     RUN_FILE,  # noqa: F401 - the name callers import from this module
     changed_inputs,
@@ -117,6 +119,7 @@ def run_fine_tune(
     runtime_name: str,
     config: TorchTuneConfig,
     log: Any = _print,
+    tracking: TrackingConfig | None = None,
 ) -> TrainSummary:
     """Render the torchtune config, run ``tune run`` and stream its log.
 
@@ -125,6 +128,7 @@ def run_fine_tune(
         runtime_name: RuntimeSpec name.
         config: The training config.
         log: Where progress lines (and torchtune's log) go.
+        tracking: MLflow / W&B settings (None: no tracking); see ``steps/tracking_run.py``.
 
     Returns:
         Where the checkpoint is, the loss per step and the run's figures.
@@ -136,15 +140,19 @@ def run_fine_tune(
         DatasetError: ``max_seq_len`` cuts every sampled row before its response.
         TrainingError: The pod sees fewer GPUs than asked, or ``tune run`` failed or wrote
             no complete checkpoint.
+        ConfigError: Tracking is on but its client package is not installed.
     """
     runtime = get_runtime(runtime_name)
     # The GPU-memory defaults (activation checkpointing, optimizer offload) need the card.
     resolved = resolve(runtime, config, gpu_memory_gib=detect_gpu_memory_gib())
     check_gpus_visible(resolved.gpus)
+    tracked.check_tracking(tracking)
     ws = Workspace.at(workspace)
     preprocess = config.dataset_preprocess_config or TorchTuneInstructDataset()
     with workspace_lock(ws.root, "the fine-tune step", LOCK_FILE):
-        return _run_locked(ws, runtime, resolved, preprocess, log)
+        with tracked.training(tracking, ws, runtime.name, resolved.to_dict(), log) as done:
+            done.append(_run_locked(ws, runtime, resolved, preprocess, log, tracking))
+    return done[0]
 
 
 def _run_locked(
@@ -153,6 +161,7 @@ def _run_locked(
     resolved: ResolvedConfig,
     preprocess: TorchTuneInstructDataset,
     log: Any,
+    tracking: TrackingConfig | None = None,
 ) -> TrainSummary:
     """The fine-tune step while it holds the workspace's fine-tune lock."""
     from omegaconf import OmegaConf
@@ -179,6 +188,9 @@ def _run_locked(
         f"the checkpoints of {resolved.epochs - resume_from} epoch(s) (at least one model-sized "
         "checkpoint per epoch)",
     )
+    if tracking is not None:  # after the fingerprint: where a run is tracked is no input
+        conf["metric_logger"] = tracked.metric_logger_conf(out, tracking, tracked.step_params(
+            ws, runtime.name, resolved.to_dict(), choice.recipe, choice.config))
     OmegaConf.save(OmegaConf.create(conf), config_path)
     cmd = choice.command(config_path)
     log(f"[fine-tune] recipe {choice.recipe}, base config {choice.config}, "

@@ -27,6 +27,7 @@ from kfp_finetune.steps.dataset_plan import DatasetPlan, plan_dataset
 from kfp_finetune.steps.gpu_defaults import cap_warmup, memory_defaults
 from kfp_finetune.steps.model_check import ModelInfo, check_model
 from kfp_finetune.steps.recipes import RecipeChoice, base_config_path, select_recipe
+from kfp_finetune.steps.tracking_run import metric_logger_conf
 from kfp_finetune.storage.content import dataset_cache
 from kfp_finetune.storage.workspace import Workspace, require_complete
 
@@ -237,11 +238,7 @@ def render_config(
         device=choice.device,
         seed=cfg.seed,
         resume_from_checkpoint=False,
-        metric_logger={
-            "_component_": "torchtune.training.metric_logging.DiskLogger",
-            "log_dir": str(output_dir / "logs"),
-            "filename": "metrics.txt",
-        },
+        metric_logger=metric_logger_conf(output_dir),
         log_every_n_steps=1,
     )
     if cfg.peft is not None:

@@ -9,6 +9,9 @@ read from the same environment variables:
 * ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` (and optionally ``AWS_SESSION_TOKEN``,
   ``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``): S3 or MinIO, Secret named by the pipeline
   parameter ``secret_s3`` (default ``s3-credentials``).
+* ``MLFLOW_TRACKING_TOKEN`` (or ``MLFLOW_TRACKING_USERNAME`` + ``MLFLOW_TRACKING_PASSWORD``),
+  ``WANDB_API_KEY``: experiment trackers, from the tracking Secret
+  (:mod:`kfp_finetune.config.tracking`).
 
 Every message this project builds from a third-party exception goes through :func:`redact`.
 """
@@ -42,6 +45,9 @@ SECRET_ENV = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+    "WANDB_API_KEY",
 )
 _SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 # Query-string parameters that carry a credential: presigned S3 (SigV4 and the older V2),
