@@ -34,7 +34,7 @@ def fine_tune(
     with step_errors("fine-tune", workspace_path):
         from kfp_finetune.config.run_config import RunConfig
         from kfp_finetune.steps.fine_tune import run_fine_tune
-        from kfp_finetune.steps.report import loss_curve_html
+        from kfp_finetune.steps.report import eval_references, loss_curve_html
 
         run = RunConfig.from_dict(config)
         runtime = run.runtime
@@ -44,5 +44,6 @@ def fine_tune(
                 metrics.log_metric(key, value)
         metrics.log_metric("resumed_from_epoch", result.resumed_from_epoch)
         with open(loss_curve.path, "w") as handle:
-            handle.write(loss_curve_html(result.losses, f"{runtime}: training loss"))
+            handle.write(loss_curve_html(result.losses, f"{runtime}: training loss",
+                                         eval_references(result.metrics)))
         return (result.final_loss, len(result.losses), result.checkpoint_dir)

@@ -115,7 +115,7 @@ def test_every_training_setting_round_trips_through_the_one_dict():
                 new_system_prompt="Be brief.", column_map={"input": "q"}),
             learning_rate=1e-4, gradient_accumulation_steps=2, max_seq_len=512, packed=True,
             compile=False, activation_checkpointing=True, max_steps_per_epoch=5, seed=7,
-            overrides=["optimizer.eps=1e-6"]),
+            overrides=["optimizer.eps=1e-6"], eval_split="train[90%:]"),
     )
     data = run.to_dict()
     assert RunConfig.from_dict(data) == run

@@ -37,7 +37,7 @@ def test_our_torchtune_config_is_an_sdk_one_with_the_extra_settings():
     assert ours - theirs == {"learning_rate", "weight_decay", "gradient_accumulation_steps",
                              "max_seq_len",
                              "packed", "activation_checkpointing", "compile",
-                             "max_steps_per_epoch", "seed", "overrides"}
+                             "max_steps_per_epoch", "seed", "overrides", "eval_split"}
 
 
 def test_an_sdk_config_is_normalized_with_every_check_and_its_enums():

@@ -127,7 +127,7 @@ PARAMETERS: tuple[Param, ...] = (
     Param("data_uri", str, "Dataset: hf://org/repo[/dir-or-file], s3://bucket/prefix, "
           "file:///abs/path or /abs/path.", "dataset_uri", DEFAULT_DATASET_URI, "--dataset-uri",
           aliases=("dataset_uri",)),
-    # --- eval: benchmarks after the export (optional)
+    # --- eval: held-out loss, and benchmarks after the export (optional)
     Param("eval_lm_batch_size", str, "lm-eval batch size: a number or auto:N (empty: auto, "
           "the largest that fits).", OPS, "", "--lm-eval-batch-size"),
     Param("eval_lm_include_path", str, "Folder of your own lm-eval task YAML files (on the "
@@ -139,6 +139,11 @@ PARAMETERS: tuple[Param, ...] = (
     Param("eval_lm_tasks", str, "lm-evaluation-harness tasks to run on the exported model, "
           "comma-separated names or task YAML paths (empty: no benchmark step).", OPS, "",
           "--lm-eval-tasks"),
+    # held-out loss of the base and the fine-tuned model (fine-tune task)
+    Param("eval_split", str, "Held-out split, e.g. train[95%:] with data_split=train[:95%]; "
+          "it must not share a row with data_split. The fine-tune task reports the base and "
+          "the fine-tuned model's loss and perplexity on it (empty: no held-out evaluation).",
+          "trainer.eval_split", "", "--eval-split"),
     # --- export: where the fine-tuned model goes
     Param("export_copy_to_artifact", bool, "Also copy the model files into the KFP artifact "
           "store (the Model artifact holds only metadata otherwise; weights can be many GB).",

@@ -37,6 +37,7 @@ from kubeflow.trainer import TorchTuneConfig as SdkTorchTuneConfig
 
 from kfp_finetune.config.overrides import FIXED_KEYS as FIXED_KEYS
 from kfp_finetune.config.overrides import check_overrides
+from kfp_finetune.config.splits import check_eval_split
 from kfp_finetune.config.validation import (
     LORA_RANK_MAX,
     SEED_MAX,
@@ -95,6 +96,10 @@ class TorchTuneConfig(SdkTorchTuneConfig):
         overrides: Raw torchtune ``key=value`` overrides for everything else, applied last;
             ``output_dir``, ``tokenizer.path``, ``tokenizer.merges_file`` and
             ``checkpointer.checkpoint_dir`` are set by the pipeline and refused here.
+        eval_split: Held-out split expression, e.g. ``"train[95%:]"`` with
+            ``split="train[:95%]"``; it must not share a row with the training split. The
+            fine-tune step reports the base and the fine-tuned model's loss and perplexity on
+            it. Default: none (no held-out evaluation).
     """
 
     learning_rate: float | None = None
@@ -107,6 +112,7 @@ class TorchTuneConfig(SdkTorchTuneConfig):
     max_steps_per_epoch: int | None = None
     seed: int | None = None
     overrides: list[str] | None = None
+    eval_split: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None:
@@ -143,6 +149,7 @@ class TorchTuneConfig(SdkTorchTuneConfig):
         for name in ("packed", "activation_checkpointing", "compile"):
             check_bool(getattr(self, name), name)
         self.overrides = check_overrides(self.overrides)
+        self.eval_split = check_eval_split(self.dataset_preprocess_config.split, self.eval_split)
 
     @property
     def gpus(self) -> int | None:

@@ -21,11 +21,12 @@ import subprocess
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from kfp_finetune.config.runtimes import RuntimeSpec, get_runtime
+from kfp_finetune.config.splits import check_eval_split
 from kfp_finetune.config.tracking import TrackingConfig
 from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
 from kfp_finetune.errors import (
@@ -51,6 +52,7 @@ from kfp_finetune.steps.completion import (
 )
 from kfp_finetune.steps.gpu_defaults import detect_gpu_memory_gib
 from kfp_finetune.steps.gpus import check_gpus_visible
+from kfp_finetune.steps.held_out import HeldOut, prepare_held_out
 from kfp_finetune.steps.tokenize_dataset import pretokenized_conf
 from kfp_finetune.steps.training_log import losses, read_metric_rows, read_metrics, summarize
 from kfp_finetune.steps.tune_config import (
@@ -95,7 +97,9 @@ class TrainSummary:
         seconds: Wall time of ``tune run`` in this attempt.
         skipped: True when a finished run was found and nothing was trained.
         resumed_from_epoch: Epochs already done when this attempt started (0 = fresh start).
-        metrics: final/best loss, steps, trainable tokens/s, peak memory.
+        metrics: final/best loss, steps, trainable tokens/s, peak memory; with an
+            ``eval_split``, also the held-out ``eval_loss``/``eval_perplexity`` of the
+            fine-tuned model and ``eval_loss_base``/``eval_perplexity_base`` of the base model.
     """
 
     checkpoint_dir: str
@@ -120,6 +124,8 @@ def run_fine_tune(
     config: TorchTuneConfig,
     log: Any = _print,
     tracking: TrackingConfig | None = None,
+    *,
+    eval_split: str | None = None,
 ) -> TrainSummary:
     """Render the torchtune config, run ``tune run`` and stream its log.
 
@@ -129,11 +135,15 @@ def run_fine_tune(
         config: The training config.
         log: Where progress lines (and torchtune's log) go.
         tracking: MLflow / W&B settings (None: no tracking); see ``steps/tracking_run.py``.
+        eval_split: Held-out split expression (e.g. ``train[95%:]``, disjoint from the
+            training split); its loss is measured for the base model before training and for
+            the fine-tuned model after it. None: ``config.eval_split``; "": none.
 
     Returns:
         Where the checkpoint is, the loss per step and the run's figures.
 
     Raises:
+        ConfigError: ``eval_split`` is not a split expression or overlaps the training split.
         WorkspaceError: Another fine-tune step works on this workspace (its lock is held), a
             step's output is missing, or the volume is (or becomes) too full for the
             checkpoints.
@@ -145,13 +155,16 @@ def run_fine_tune(
     runtime = get_runtime(runtime_name)
     # The GPU-memory defaults (activation checkpointing, optimizer offload) need the card.
     resolved = resolve(runtime, config, gpu_memory_gib=detect_gpu_memory_gib())
+    preprocess = config.dataset_preprocess_config or TorchTuneInstructDataset()
+    eval_split = check_eval_split(preprocess.split,
+                                  config.eval_split if eval_split is None else eval_split)
     check_gpus_visible(resolved.gpus)
     tracked.check_tracking(tracking)
     ws = Workspace.at(workspace)
-    preprocess = config.dataset_preprocess_config or TorchTuneInstructDataset()
     with workspace_lock(ws.root, "the fine-tune step", LOCK_FILE):
         with tracked.training(tracking, ws, runtime.name, resolved.to_dict(), log) as done:
-            done.append(_run_locked(ws, runtime, resolved, preprocess, log, tracking))
+            done.append(_run_locked(ws, runtime, resolved, preprocess, log, tracking,
+                                    eval_split))
     return done[0]
 
 
@@ -162,17 +175,20 @@ def _run_locked(
     preprocess: TorchTuneInstructDataset,
     log: Any,
     tracking: TrackingConfig | None = None,
+    eval_split: str | None = None,
 ) -> TrainSummary:
     """The fine-tune step while it holds the workspace's fine-tune lock."""
     from omegaconf import OmegaConf
 
     choice, conf, plan = prepare_run(ws, runtime, resolved, preprocess)
     fingerprint, inputs = inputs_fingerprint(ws, config_fingerprint(conf))
+    held = (prepare_held_out(ws, conf, plan, preprocess, eval_split, inputs, log,
+                             resolved.gpu_memory_gib) if eval_split else None)
     out = ws.checkpoints_dir
     config_path = out / CONFIG_FILE
     finished = _finished_run(out, fingerprint, inputs, choice, log)
     if finished is not None:
-        return finished
+        return _with_eval(finished, held)
     check_steps(plan.rows, conf, choice.nproc)  # before anything on the volume is cleared
     resume_from = prepare_output(out, fingerprint, inputs, resolved, conf, log)
     # The fingerprint above is of torchtune's own dataset section: the store holds the very
@@ -191,6 +207,8 @@ def _run_locked(
     if tracking is not None:  # after the fingerprint: where a run is tracked is no input
         conf["metric_logger"] = tracked.metric_logger_conf(out, tracking, tracked.step_params(
             ws, runtime.name, resolved.to_dict(), choice.recipe, choice.config))
+    if held is not None:
+        held.base()  # before `tune run`: the base model's held-out loss
     OmegaConf.save(OmegaConf.create(conf), config_path)
     cmd = choice.command(config_path)
     log(f"[fine-tune] recipe {choice.recipe}, base config {choice.config}, "
@@ -230,8 +248,17 @@ def _run_locked(
          "metrics": metrics},
     )
     log(f"[fine-tune] done in {seconds:.1f} s; checkpoint {final}")
-    return TrainSummary(str(final), str(config_path), choice.recipe, choice.config,
-                        losses(rows), round(seconds, 3), False, resume_from, metrics)
+    return _with_eval(TrainSummary(str(final), str(config_path), choice.recipe, choice.config,
+                                   losses(rows), round(seconds, 3), False, resume_from, metrics),
+                      held)
+
+
+def _with_eval(summary: TrainSummary, held: HeldOut | None) -> TrainSummary:
+    """The summary with the held-out Metrics added (unchanged without an eval split)."""
+    if held is None:
+        return summary
+    return replace(summary, metrics={**summary.metrics,
+                                     **held.metrics(Path(summary.checkpoint_dir))})
 
 
 def _finished_run(

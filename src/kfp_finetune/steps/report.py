@@ -2,7 +2,9 @@
 
 The y axis starts at 0 (or below the lowest loss, if one is negative), so a run whose loss
 moves from 6.14 to 6.09 looks like the small change it is, not like a cliff; the values
-themselves are printed under the chart and on each point's tooltip.
+themselves are printed under the chart and on each point's tooltip. With a held-out
+evaluation, the base and the fine-tuned model's held-out loss are drawn as labelled dashed
+horizontal lines across the chart.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable
 LOSS_CURVE_FILE = "loss_curve.html"
 Scale = Callable[[float], float]
 _W, _H, _LEFT, _RIGHT, _TOP, _BOTTOM = 640, 340, 64, 24, 20, 52
+_REFERENCE_COLOURS = ("#d62728", "#2ca02c", "#9467bd", "#8c564b")
 
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -72,9 +75,24 @@ def _axes(xticks: list[float], yticks: list[float], sx: Scale, sy: Scale) -> lis
     return parts
 
 
-def _chart(losses: list[tuple[int, float]], title: str) -> str:
+def _references(lines: dict[str, float], sy: Scale) -> str:
+    """Labelled dashed horizontal lines (e.g. the held-out losses)."""
+    parts = []
+    for (label, value), colour in zip(lines.items(), _REFERENCE_COLOURS * 4, strict=False):
+        y, text = sy(value), html.escape(f"{label}: {value:.4f}")
+        parts.append(f'<line x1="{_LEFT}" y1="{y:.1f}" x2="{_W - _RIGHT}" y2="{y:.1f}" '
+                     f'stroke="{colour}" stroke-width="1.5" stroke-dasharray="6 4">'
+                     f"<title>{text}</title></line>")
+        parts.append(f'<text x="{_W - _RIGHT - 4}" y="{y - 4:.1f}" font-size="11" '
+                     f'text-anchor="end" fill="{colour}">{text}</text>')
+    return "".join(parts)
+
+
+def _chart(losses: list[tuple[int, float]], title: str,
+           references: dict[str, float] | None = None) -> str:
+    references = {k: v for k, v in (references or {}).items() if math.isfinite(v)}
     steps = [s for s, _ in losses]
-    values = [v for _, v in losses if math.isfinite(v)] or [0.0]
+    values = [v for _, v in losses if math.isfinite(v)] + list(references.values()) or [0.0]
     xticks = nice_ticks(min(steps), max(steps)) if max(steps) > min(steps) else [steps[0]]
     yticks = nice_ticks(min(0.0, min(values)), max(values))
     x0, x1 = xticks[0], xticks[-1] if xticks[-1] > xticks[0] else xticks[0] + 1
@@ -96,16 +114,20 @@ def _chart(losses: list[tuple[int, float]], title: str) -> str:
         f'<rect width="{_W}" height="{_H}" fill="white"/>'
         + "".join(_axes(xticks, yticks, sx, sy))
         + f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{line}"/>{dots}'
-        "</svg>"
+        + _references(references, sy)
+        + "</svg>"
     )
 
 
-def loss_curve_html(losses: list[tuple[int, float]], title: str = "Training loss") -> str:
+def loss_curve_html(losses: list[tuple[int, float]], title: str = "Training loss",
+                    references: dict[str, float] | None = None) -> str:
     """Render ``(step, loss)`` pairs as an HTML page with an SVG line chart.
 
     Args:
         losses: Steps and losses, in step order.
         title: Heading of the page.
+        references: Labelled losses drawn as horizontal lines and printed under the chart,
+            e.g. ``{"base eval loss": 5.1, "fine-tuned eval loss": 3.2}`` (None: none).
 
     Returns:
         The HTML text (no scripts, no external resources): axes with ticks and titles
@@ -119,12 +141,23 @@ def loss_curve_html(losses: list[tuple[int, float]], title: str = "Training loss
         best = f"{min(finite):.4f}" if finite else "n/a"
         change = values[-1] - values[0]
         body = (
-            _chart(losses, title)
+            _chart(losses, title, references)
             + f"<p>{len(losses)} steps; first loss {values[0]:.4f}, final {values[-1]:.4f} "
             f"(change {change:+.4f}), best {best}.</p>"
         )
+    if references:
+        body += "<p>" + "; ".join(html.escape(f"{k}: {v:.4f}")
+                                  for k, v in references.items()) + ".</p>"
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title></head>"
         f"<body style='font-family:sans-serif'><h3>{html.escape(title)}</h3>{body}</body></html>"
     )
+
+
+def eval_references(metrics: dict[str, float | int | None]) -> dict[str, float] | None:
+    """The held-out losses of the fine-tune step's Metrics as chart lines, or None."""
+    if metrics.get("eval_loss") is None or metrics.get("eval_loss_base") is None:
+        return None
+    return {"base eval loss": float(metrics["eval_loss_base"] or 0.0),
+            "fine-tuned eval loss": float(metrics["eval_loss"] or 0.0)}
