@@ -86,6 +86,15 @@ def test_metadata_off_the_schema_is_named(change, needle: str) -> None:
     assert any(needle in p for p in problems), problems
 
 
+def test_the_createpvc_op_states_the_kfp_kubernetes_pin() -> None:
+    path = docs.COMPONENTS_DIR / "create_workspace" / "metadata.yaml"
+    meta = yaml.safe_load(path.read_text())
+    meta["dependencies"]["kubeflow"].pop()
+    assert docs.check_metadata("create_workspace", meta) == [
+        "components/create_workspace/metadata.yaml: dependencies.kubeflow lacks "
+        "'Pipelines Kubernetes SDK' (kfp-kubernetes)"]
+
+
 def test_check_lists_a_missing_metadata_and_a_stale_readme(tmp_path: Path) -> None:
     for name in ("fine_tune", "export_model"):
         shutil.copytree(docs.COMPONENTS_DIR / name, tmp_path / name,

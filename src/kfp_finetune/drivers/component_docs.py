@@ -34,6 +34,7 @@ OPTIONAL_FIELDS = ("tags", "links")
 BACKEND = "Pipelines"  # the KFP backend (upstream's name for the Kubeflow Pipelines release)
 SDK = "Pipelines SDK"  # the kfp package the YAML is compiled with
 KUBERNETES_SDK = "Pipelines Kubernetes SDK"  # kfp-kubernetes
+KUBERNETES_OPS = ("create_workspace",)  # kfp-kubernetes' own components: they need its pin
 HEADER = "<!-- written by `kfp-finetune compile` from component.py and metadata.yaml -->"
 
 
@@ -86,7 +87,10 @@ def check_metadata(name: str, data: Any, now: datetime | None = None) -> list[st
     if data.get("stability") not in STABILITY:
         problems.append(f"{where}: stability {data.get('stability')!r}; expected one of "
                         f"{', '.join(STABILITY)}")
-    problems += _check_dependencies(where, data.get("dependencies"))
+    deps = data.get("dependencies")
+    problems += _check_dependencies(where, deps)
+    if name in KUBERNETES_OPS and KUBERNETES_SDK not in str(deps):
+        problems.append(f"{where}: dependencies.kubeflow lacks {KUBERNETES_SDK!r} (kfp-kubernetes)")
     problems += _check_verified(where, data.get("lastVerified"), now)
     tags = data.get("tags", [])
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
