@@ -176,7 +176,9 @@ def _tables(spec: Any, func: Any) -> list[str]:
     if not outputs:
         return [*rows, "None.", ""]
     rows += ["| name | type | description |", "|---|---|---|"]
-    rows += [f"| `{key}` | {_type_name(item)} | {_cell(item.description or described.get(key))} |"
+    # Artifacts are described under Args; the returned values in the Returns prose below
+    # (kfp's own per-output descriptions cut that prose at the first line).
+    rows += [f"| `{key}` | {_type_name(item)} | {_cell(described.get(key))} |"
              for key, item in outputs.items()]
     return [*rows, "", *([f"Returns: {_cell(returns)}", ""] if returns else [])]
 
