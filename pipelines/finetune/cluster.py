@@ -156,23 +156,7 @@ def apply_cluster_settings(
     train = t.train
     train.set_retry(num_retries=1, backoff_duration="60s",
                     backoff_max_duration=f"{2 * ops.timeout_s + 3600}s")
-    # Every resource field from a STRING output of check-config: the backend reads these
-    # placeholders' string values (initPodSpecPatch -> resolvePodSpecInputRuntimeParameter,
-    # backend/src/v2/driver), so an integer parameter here would drop the GPU limit silently.
-    resources = [check.outputs[key] for key in RESOURCE_OUTPUTS]
-    train.set_accelerator_type(resources[0]).set_accelerator_limit(resources[1])
-    train.set_cpu_request(resources[2]).set_memory_request(resources[3])
-    # The SDK does not track channels used only in resource fields; without this it would not
-    # pass them into the exit handler's group (compile fails: "... not found").
-    train.register_pipeline_channels(resources)
-    kubernetes.add_node_selector_json(train, node_selector_json=v["cluster_node_selector"])
-    if ops.gpu_toleration:
-        kubernetes.add_toleration(train, **GPU_TOLERATION)
-    kubernetes.add_toleration_json(train, toleration_json=v["cluster_tolerations"])
-    # NCCL and the data loader workers share memory through /dev/shm (64Mi by default).
-    kubernetes.empty_dir_mount(train, volume_name="dshm", mount_path="/dev/shm",
-                               medium="Memory", size_limit=ops.shm_size)
-    kubernetes.set_timeout(train, ops.timeout_s)
+    _accelerated_pod(train, ops, [check.outputs[key] for key in RESOURCE_OUTPUTS], v)
     if t.after is not None:
         _benchmark_settings(ops, check, pvc, t.after.bench, v)
 
@@ -184,17 +168,28 @@ def _benchmark_settings(ops: OpsDefaults, check: dsl.PipelineTask, pvc: dsl.Pipe
     kubernetes.use_secret_as_env(  # lm-eval task datasets may be gated on the Hub
         bench, secret_name=v["secret_hf_token"],
         secret_key_to_env={HF_TOKEN_ENV: HF_TOKEN_ENV}, optional=True)
-    resources = [check.outputs[key] for key in BENCH_RESOURCE_OUTPUTS]
-    bench.set_accelerator_type(resources[0]).set_accelerator_limit(resources[1])
-    bench.set_cpu_request(resources[2]).set_memory_request(resources[3])
-    bench.register_pipeline_channels(resources)
-    kubernetes.add_node_selector_json(bench, node_selector_json=v["cluster_node_selector"])
+    _accelerated_pod(bench, ops, [check.outputs[key] for key in BENCH_RESOURCE_OUTPUTS], v)
+
+
+def _accelerated_pod(task: dsl.PipelineTask, ops: OpsDefaults, resources: list[Any],
+                     v: dict[str, Any]) -> None:
+    """Resources, placement, /dev/shm and timeout of a pod that may hold GPUs."""
+    # Every resource field from a STRING output of check-config: the backend reads these
+    # placeholders' string values (initPodSpecPatch -> resolvePodSpecInputRuntimeParameter,
+    # backend/src/v2/driver), so an integer parameter here would drop the GPU limit silently.
+    task.set_accelerator_type(resources[0]).set_accelerator_limit(resources[1])
+    task.set_cpu_request(resources[2]).set_memory_request(resources[3])
+    # The SDK does not track channels used only in resource fields; without this it would not
+    # pass them into the exit handler's group (compile fails: "... not found").
+    task.register_pipeline_channels(resources)
+    kubernetes.add_node_selector_json(task, node_selector_json=v["cluster_node_selector"])
     if ops.gpu_toleration:
-        kubernetes.add_toleration(bench, **GPU_TOLERATION)
-    kubernetes.add_toleration_json(bench, toleration_json=v["cluster_tolerations"])
-    kubernetes.empty_dir_mount(bench, volume_name="dshm", mount_path="/dev/shm",
+        kubernetes.add_toleration(task, **GPU_TOLERATION)
+    kubernetes.add_toleration_json(task, toleration_json=v["cluster_tolerations"])
+    # NCCL and the data loader workers share memory through /dev/shm (64Mi by default).
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm",
                                medium="Memory", size_limit=ops.shm_size)
-    kubernetes.set_timeout(bench, ops.timeout_s)
+    kubernetes.set_timeout(task, ops.timeout_s)
 
 
 def use_tracking_secret(tasks: Any, secret_name: Any) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from kfp_finetune.errors import KfpFinetuneError, TrainingError, WorkspaceError
 from kfp_finetune.steps.model_check import check_safetensors
+from kfp_finetune.steps.training_log import read_metric_rows, summarize
 from kfp_finetune.storage.content import digest_of, folder_digest, records_intact
 from kfp_finetune.storage.ownership import MANIFEST, remove_owned
 from kfp_finetune.storage.workspace import Workspace, read_manifest, write_json_atomic
@@ -263,3 +264,28 @@ def check_trained_on_workspace(ws: Workspace, trained: dict[str, Any]) -> None:
             f"cannot export the fine-tuned model of {str(ws.checkpoints_dir)!r}: {problem}. "
             "Re-run the fine-tune step (it trains again on the current inputs), then export."
         )
+
+
+def record_run(out: Path, conf: dict[str, Any], rows_in_data: int, choice: Any, seconds: float,
+               record: dict[str, Any]) -> tuple[Path, list[dict[str, Any]], dict[str, Any]]:
+    """Check what ``tune run`` left and write the completion record (last: the run is done)."""
+    epochs = epoch_dirs(out)
+    if not epochs or not checkpoint_complete(epochs[-1]):
+        raise TrainingError(
+            f"torchtune finished but wrote no complete checkpoint under {out}; see the log above."
+        )
+    final = epochs[-1]
+    rows = read_metric_rows(out / "logs")
+    if not rows and int(conf.get("log_every_n_steps") or 1) == 1:
+        # Every optimizer step is logged, so none logged means none taken: the checkpoint
+        # is the base model unchanged, never a "fine-tuned" one.
+        raise TrainingError(no_steps_message(
+            rows_in_data, int(conf.get("batch_size") or 1),
+            int(conf.get("gradient_accumulation_steps") or 1), choice.nproc))
+    metrics = summarize(rows, choice.nproc)
+    metrics["wall_seconds"] = round(seconds, 3)
+    write_json_atomic(out / MANIFEST, {
+        **record, "final_epoch_dir": final.name, "checkpoint_files": checkpoint_files(final),
+        "recipe": choice.recipe, "config": choice.config, "seconds": round(seconds, 3),
+        "final_loss": metrics["final_loss"], "metrics": metrics})
+    return final, rows, metrics

@@ -41,20 +41,17 @@ from kfp_finetune.steps.completion import (
     RUN_FILE,  # noqa: F401 - the name callers import from this module
     changed_inputs,
     check_steps,
-    checkpoint_complete,
-    checkpoint_files,
     checkpoint_problem,
-    epoch_dirs,
     inputs_fingerprint,
-    no_steps_message,
     prepare_output,
+    record_run,
     resumable_epochs,  # noqa: F401 - public before it moved to completion.py
 )
 from kfp_finetune.steps.gpu_defaults import detect_gpu_memory_gib
 from kfp_finetune.steps.gpus import check_gpus_visible
 from kfp_finetune.steps.held_out import HeldOut, prepare_held_out
 from kfp_finetune.steps.tokenize_dataset import pretokenized_conf
-from kfp_finetune.steps.training_log import losses, read_metric_rows, read_metrics, summarize
+from kfp_finetune.steps.training_log import losses, read_metrics
 from kfp_finetune.steps.tune_config import (
     RecipeChoice,
     ResolvedConfig,
@@ -64,14 +61,12 @@ from kfp_finetune.steps.tune_config import (
     resolve,
 )
 from kfp_finetune.storage.workspace import (
-    MANIFEST,
     Workspace,
     check_free_space,
     free_bytes,
     read_manifest,
     tree_bytes,
     workspace_lock,
-    write_json_atomic,
 )
 
 LOCK_FILE = ".kfp-finetune-fine-tune.lock"  # held while a fine-tune step works on the volume
@@ -224,29 +219,10 @@ def _run_locked(
             raise full from None
         raise
     seconds = time.monotonic() - start
-    epochs = epoch_dirs(out)
-    if not epochs or not checkpoint_complete(epochs[-1]):
-        raise TrainingError(
-            f"torchtune finished but wrote no complete checkpoint under {out}; see the log above."
-        )
-    final = epochs[-1]
-    rows = read_metric_rows(out / "logs")
-    if not rows and int(conf.get("log_every_n_steps") or 1) == 1:
-        # Every optimizer step is logged, so none logged means none taken: the checkpoint
-        # is the base model unchanged, never a "fine-tuned" one.
-        raise TrainingError(no_steps_message(
-            plan.rows, int(conf.get("batch_size") or 1),
-            int(conf.get("gradient_accumulation_steps") or 1), choice.nproc))
-    metrics = summarize(rows, choice.nproc)
-    metrics["wall_seconds"] = round(seconds, 3)
-    write_json_atomic(
-        out / MANIFEST,
-        {"fingerprint": fingerprint, "inputs": inputs, "final_epoch_dir": final.name,
-         "checkpoint_files": checkpoint_files(final), "recipe": choice.recipe,
-         "config": choice.config, "resolved": resolved.to_dict(), "seconds": round(seconds, 3),
-         "final_loss": metrics["final_loss"], "resumed_from_epoch": resume_from,
-         "metrics": metrics},
-    )
+    final, rows, metrics = record_run(out, conf, plan.rows, choice, seconds,
+                                      {"fingerprint": fingerprint, "inputs": inputs,
+                                    "resolved": resolved.to_dict(),
+                                    "resumed_from_epoch": resume_from})
     log(f"[fine-tune] done in {seconds:.1f} s; checkpoint {final}")
     return _with_eval(TrainSummary(str(final), str(config_path), choice.recipe, choice.config,
                                    losses(rows), round(seconds, 3), False, resume_from, metrics),
