@@ -30,6 +30,7 @@ def _cmd_runtimes(_: argparse.Namespace) -> int:
 def _cmd_compile(args: argparse.Namespace) -> int:
     from kfp_finetune.config.runtimes import get_runtime
     from kfp_finetune.drivers.compile import REPO_COMPILED, check_compiled, compile_all
+    from kfp_finetune.drivers.component_docs import update_component_docs
     from kfp_finetune.drivers.docs import update_readme
 
     names = [get_runtime(n).name for n in args.runtime] if args.runtime else None
@@ -40,6 +41,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         problems = check_compiled(out, names)
         if in_repo and not update_readme(readme, check=True):
             problems.append(f"{readme}: parameter table stale (run `kfp-finetune compile`)")
+        if in_repo:
+            problems += update_component_docs(check=True)
         for line in problems:
             print(line, file=sys.stderr)
         if problems:
@@ -50,6 +53,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         print(path)
     if in_repo:
         update_readme(readme)
+        bad = update_component_docs()  # metadata.yaml problems: fixed by hand
+        for line in bad:
+            print(line, file=sys.stderr)
+        return 1 if bad else 0
     return 0
 
 
