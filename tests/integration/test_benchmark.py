@@ -297,15 +297,16 @@ def test_component_on_a_real_lora_export(tiny, tasks, tmp_path):
     from kfp_finetune.components.benchmark_model import benchmark_model
     from kfp_finetune.config.types import LoraConfig, TorchTuneConfig, TorchTuneInstructDataset
     from kfp_finetune.steps import fine_tune as finetune
-    from kfp_finetune.steps import initializers as steps
+    from kfp_finetune.steps.dataset_initializer import initialize_dataset
     from kfp_finetune.steps.export_model import export_model
+    from kfp_finetune.steps.model_initializer import initialize_model
 
     ws, runtime = tmp_path / "ws", "torchtune-llama3.2-tiny"
     config = TorchTuneConfig(epochs=1, batch_size=8, resources_per_node={"gpu": 0},
                              peft_config=LoraConfig())
-    steps.initialize_dataset(ws, str(tiny["alpaca"] / "data"), TorchTuneInstructDataset(),
+    initialize_dataset(ws, str(tiny["alpaca"] / "data"), TorchTuneInstructDataset(),
                              log=QUIET)
-    steps.initialize_model(ws, str(tiny["llama3_2"]), runtime, config, log=QUIET)
+    initialize_model(ws, str(tiny["llama3_2"]), runtime, config, log=QUIET)
     finetune.run_fine_tune(ws, runtime, config, log=QUIET)
     export = export_model(ws, runtime, run_id="bench-1", log=QUIET)
     assert export.adapter_path  # a LoRA export: the merged model on top, the adapter inside

@@ -266,17 +266,18 @@ def test_a_real_export_is_registered_and_gets_its_manifest(tiny, tmp_path, regis
 
     from kfp_finetune.config.types import TorchTuneConfig, TorchTuneInstructDataset
     from kfp_finetune.steps import fine_tune as finetune
-    from kfp_finetune.steps import initializers as steps
     from kfp_finetune.steps import serving_manifest as sm
+    from kfp_finetune.steps.dataset_initializer import initialize_dataset
     from kfp_finetune.steps.export_model import export_model
+    from kfp_finetune.steps.model_initializer import initialize_model
 
     quiet = lambda _: None  # noqa: E731
     runtime = "torchtune-llama3.2-tiny"
     config = TorchTuneConfig(epochs=1, batch_size=8, resources_per_node={"gpu": 0})
     ws = tmp_path / "ws"
-    steps.initialize_dataset(ws, str(tiny["alpaca"] / "data"), TorchTuneInstructDataset(),
+    initialize_dataset(ws, str(tiny["alpaca"] / "data"), TorchTuneInstructDataset(),
                              log=quiet)
-    steps.initialize_model(ws, str(tiny["llama3_2"]), runtime, config, log=quiet)
+    initialize_model(ws, str(tiny["llama3_2"]), runtime, config, log=quiet)
     finetune.run_fine_tune(ws, runtime, config, log=quiet)
     summary = export_model(ws, runtime, run_id=RUN_ID, log=quiet)
     meta = {**summary.metadata, "destinations": summary.destinations}

@@ -78,10 +78,12 @@ def test_wait_returns_the_complete_job_with_its_steps(seed_job):
     assert [j.name for j in client.list_jobs()] == [seed_job["name"]]
     assert client.list_jobs(runtime="torchtune-qwen2.5-tiny") == []
     reasons = [(e.involved_object_name, e.reason) for e in client.get_job_events(job.name)]
-    # kfp.local runs the two initializers one after the other, in either order.
-    assert reasons[0] in ((constants.DATASET_INITIALIZER, "Started"),
+    # check-config first (it hands every other task the one config); then kfp.local runs the
+    # two initializers one after the other, in either order.
+    assert reasons[:2] == [("check-config", "Started"), ("check-config", "Succeeded")]
+    assert reasons[2] in ((constants.DATASET_INITIALIZER, "Started"),
                           (constants.MODEL_INITIALIZER, "Started"))
-    assert reasons[-1] == ("export", "Succeeded") and len(reasons) == 10
+    assert reasons[-1] == ("export", "Succeeded") and len(reasons) == 12
 
 
 @pytest.mark.slow
