@@ -11,6 +11,7 @@ from kfp import dsl, kubernetes
 
 from kfp_finetune.components.cleanup_workspace import cleanup_workspace
 from kfp_finetune.components.create_workspace import create_workspace
+from kfp_finetune.config.parameters import BY_NAME
 from kfp_finetune.config.runtimes import RuntimeSpec
 from kfp_finetune.config.tracking import TRACKING_SECRET_KEYS
 from kfp_finetune.pipelines.finetune.handoff import AfterExport
@@ -56,12 +57,17 @@ class OpsDefaults:
 
 
 def ops_defaults(runtime: RuntimeSpec) -> OpsDefaults:
-    """Defaults for a runtime: CPU tasks for the tiny ones, 4 CPUs and 32Gi per GPU otherwise."""
+    """Defaults for a runtime: CPU tasks for the tiny ones, 8Gi of /dev/shm per GPU otherwise.
+
+    The CPU and memory requests are the parameter table's defaults (one source for the run
+    form and this).
+    """
     gpus = runtime.default_gpus
+    cpu = BY_NAME["cluster_cpu_request"].default_for(runtime)
+    memory = BY_NAME["cluster_memory_request"].default_for(runtime)
     if gpus == 0:
-        return OpsDefaults("2", "8Gi", "1Gi", False, TINY_FINE_TUNE_TIMEOUT_S)
-    return OpsDefaults(str(4 * gpus), f"{32 * gpus}Gi", f"{8 * gpus}Gi", True,
-                       FINE_TUNE_TIMEOUT_S)
+        return OpsDefaults(cpu, memory, "1Gi", False, TINY_FINE_TUNE_TIMEOUT_S)
+    return OpsDefaults(cpu, memory, f"{8 * gpus}Gi", True, FINE_TUNE_TIMEOUT_S)
 
 
 @dataclass(frozen=True)
