@@ -16,7 +16,9 @@ The parameters come from one table (``kfp_finetune.config.parameters``): the sig
 docstring (the run form) are built from it, and so is check-config's. check-config turns them
 into one validated config (a dict output); the other tasks take that config and nothing else
 of the run form. A local pipeline has only the parameters the run sets (kfp.local needs a
-value for every parameter without a default, and has no "unset").
+value for every parameter without a default, kfp/local/orchestrator/orchestrator_utils.py
+join_user_inputs_and_defaults, refuses None as a constant, and an absent Optional[int]
+component input fails kfp/local/executor_input_utils.py executor_input_to_dict).
 
 Operations (cluster only, see ``cluster.py``: ``cluster_prelude``, ``apply_cluster_settings``):
 check-config refuses bad operations parameters on CPU and hands on validated strings; one new

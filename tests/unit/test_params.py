@@ -36,7 +36,12 @@ def test_the_run_form_is_the_table(runtime):
         spec = inputs[p.name]
         assert spec["description"].replace("\n", " ").split() == p.description.split(), p.name
         if p.optional:
-            # Unset is empty in the form: no 0 / -1 / "auto" stand-in.
+            # Unset is empty in the form: no 0 / -1 / "auto" stand-in. The backend takes a root
+            # parameter with neither value nor default when it is optional: the Argo compiler
+            # fills a null (backend/src/v2/compiler/argocompiler/argo.go, root default
+            # parameters) and the driver skips a null input whose component input is optional
+            # (backend/src/v2/driver/resolve.go: resolveInputs, ErrResolvedParameterNull),
+            # from release 2.14.0, under our 2.15 floor.
             assert spec["isOptional"] is True and "defaultValue" not in spec, p.name
         else:
             default = spec["defaultValue"]
@@ -122,7 +127,8 @@ def test_every_training_setting_round_trips_through_the_one_dict():
     values = to_values(run)
     assert values["lora_method"] == "dora" and values["train_gpus_per_node"] == 2
     assert from_values(RUNTIME, values) == run
-    # Through KFP a dict output is a protobuf Struct: every number comes back a double.
+    # Through KFP a dict output is a protobuf Struct (google.protobuf.Value has one number
+    # kind, a double): every number comes back a double, 3 -> 3.0.
     doubled = yaml.safe_load(yaml.safe_dump(data).replace(": 3\n", ": 3.0\n"))
     assert RunConfig.from_dict(doubled).trainer.batch_size == 3
 
