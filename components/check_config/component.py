@@ -9,6 +9,7 @@ strings (the KFP backend reads resource placeholders as strings; see
 kfp_finetune.steps.check_config).
 """
 
+import hashlib
 import linecache
 from collections.abc import Sequence
 from typing import NamedTuple, Optional
@@ -100,7 +101,8 @@ def build_check_config(params: Sequence[Param]) -> dsl.base_component.BaseCompon
             given ones for a local run, since kfp.local needs a value for every input).
     """
     source = _source(params)
-    filename = f"<kfp-finetune check_config {abs(hash(source)):x}>"
+    # Named by content: building the same component again reuses its linecache entry.
+    filename = f"<kfp-finetune check_config {hashlib.sha256(source.encode()).hexdigest()[:16]}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace = {"NamedTuple": NamedTuple, "Optional": Optional}
     exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - our own generated code
